@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX model folder (needs the `export` extra: torch, diffusers, transformers)."""

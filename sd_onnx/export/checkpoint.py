@@ -1,0 +1,103 @@
+"""Reading .ckpt / .safetensors files safely: tensors and plain containers only, never code from the file."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sd_onnx.errors import CheckpointError
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    global_step: int | None
+
+
+class _LightningCallbackStub:
+    """Stands in for pytorch_lightning's ModelCheckpoint, which some SD 1.x .ckpt files pickle beside the weights."""
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+# Globals that real SD checkpoints contain besides tensors; each only rebuilds inert data.
+_EXTRA_SAFE_GLOBALS = [
+    (_LightningCallbackStub, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load an LDM-layout checkpoint; raises CheckpointError with a one-line reason on any bad input."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"not a checkpoint file: {path}")
+    if path.suffix.lower() == ".safetensors":
+        data = _load_safetensors(path)
+    else:
+        data = _load_pickle_checkpoint(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name}: holds a {type(data).__name__}, not a state dict")
+    global_step = data.get("global_step") if isinstance(data.get("global_step"), int) else None
+    while isinstance(data.get("state_dict"), dict):  # Lightning wraps the weights; some files wrap twice
+        data = data["state_dict"]
+    tensors = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path.name}: contains no tensors")
+    return Checkpoint(path=path, state_dict=tensors, global_step=global_step)
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: not a readable .safetensors file ({_first_line(e)})") from None
+
+
+def _load_pickle_checkpoint(path: Path) -> object:
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
+            # weights_only=True: torch's restricted unpickler; nothing from the file is executed.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        refused = _UNSAFE_GLOBAL.search(str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path.name}: refused to load: the pickle asks for '{refused.group(1)}', which is not "
+                "a tensor, storage, container or primitive (the file may run code when loaded elsewhere)"
+            ) from None
+        raise CheckpointError(f"{path.name}: not a readable checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path.name}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of the file, A1111's short hash (first 10 hex of sha256) and its legacy 8-hex model hash."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+        # A1111's legacy "model hash": sha256 of 64 KiB at offset 1 MiB, first 8 hex digits.
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    full = sha.hexdigest()
+    return {"sha256": full, "short_hash": full[:10], "legacy_hash": legacy}

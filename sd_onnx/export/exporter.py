@@ -1,0 +1,167 @@
+"""`sd-onnx export`: checkpoint -> complete model folder, written to a temporary sibling and renamed into place."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sd_onnx import __version__
+from sd_onnx.errors import SdOnnxError
+from sd_onnx.home import METADATA, models_dir
+
+COMPONENT_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    family: str
+    prediction_type: str
+    seconds: float
+    component_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def default_output(source: Path) -> Path:
+    return models_dir() / (source.stem if source.is_file() else source.name)
+
+
+def export_model(
+    source: Path,
+    output: Path | None = None,
+    family: str = "auto",
+    config: Path | None = None,
+    opset: int | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = lambda msg: None,
+) -> ExportResult:
+    from sd_onnx.export.checkpoint import file_hashes, load_checkpoint
+    from sd_onnx.export.convert import build_from_diffusers, build_reference_model
+    from sd_onnx.export.onnx_export import COMPONENTS, DEFAULT_OPSET, export_component
+
+    start = time.perf_counter()
+    source = Path(source)
+    output = Path(output) if output is not None else default_output(source)
+    if output.exists() and not force:
+        raise SdOnnxError(f"output folder already exists: {output} (use --force to replace it)")
+    _check_writable(output.parent)
+
+    if source.is_dir():
+        model = build_from_diffusers(source, family)
+        hashes: dict = {}
+    else:
+        log(f"reading {source}")
+        ckpt = load_checkpoint(source)
+        model = build_reference_model(ckpt, family, config)
+        hashes = file_hashes(source)
+        del ckpt
+        gc.collect()
+    log(f"family {model.family.name} ({model.family_reason}); config: {model.config_source}")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        seconds = {}
+        unet_config = dict(model.unet.config)
+        modules = {"text_encoder": model.text_encoder, "unet": model.unet, "vae_encoder": model.vae,
+                   "vae_decoder": model.vae}
+        for spec in COMPONENTS:
+            t0 = time.perf_counter()
+            log(f"exporting {spec.name}")
+            export_component(spec, modules[spec.name], tmp / spec.name, opset or DEFAULT_OPSET)
+            seconds[spec.name] = round(time.perf_counter() - t0, 2)
+            if spec.name == "unet":
+                model.unet = modules["unet"] = None  # release 3.4 GB before the VAE export
+                gc.collect()
+        _write_configs(tmp, model, unet_config)
+        _write_metadata(tmp, model, source, hashes, opset or DEFAULT_OPSET)
+        _replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(output, model.family.name, model.prediction_type, round(time.perf_counter() - start, 2), seconds)
+
+
+def _check_writable(parent: Path) -> None:
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".sd-onnx-probe-")
+        probe.close()
+    except OSError as e:
+        raise SdOnnxError(f"cannot write to {parent}: {e.strerror or e}") from None
+
+
+def _replace(tmp: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{int(time.time())}")
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_configs(folder: Path, model, unet_config: dict) -> None:
+    import diffusers
+
+    from sd_onnx.runtime.tokenizer import write_tokenizer_folder
+
+    write_tokenizer_folder(folder / "tokenizer", pad_token=model.family.pad_token)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    sched = dict(model.scheduler_config, _diffusers_version=diffusers.__version__)
+    _dump(folder / "scheduler" / "scheduler_config.json", sched)
+    _dump(folder / "text_encoder" / "config.json", model.text_encoder.config.to_dict())
+    for name in ("vae_encoder", "vae_decoder"):
+        _dump(folder / name / "config.json", dict(model.vae.config))
+    _dump(folder / "unet" / "config.json", unet_config)
+    onnx_model = ["diffusers", "OnnxRuntimeModel"]
+    _dump(folder / "model_index.json", {
+        "_class_name": "OnnxStableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": onnx_model,
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": onnx_model,
+        "vae_decoder": onnx_model,
+        "vae_encoder": onnx_model,
+    })
+
+
+def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int) -> None:
+    import diffusers
+    import onnx
+    import torch
+    import transformers
+
+    _dump(folder / METADATA, {
+        "format": 1,
+        "family": model.family.name,
+        "family_reason": model.family_reason,
+        "prediction_type": model.prediction_type,
+        "scaling_factor": model.scaling_factor,
+        "default_size": model.default_size,
+        "config_source": model.config_source,
+        "source": {"name": source.name, **hashes},
+        "components": {name: {"file": f"{name}/model.onnx", "precision": "fp32"} for name in COMPONENT_ORDER},
+        "opset": opset,
+        "versions": {"sd_onnx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "onnx": onnx.__version__},
+    })
+
+
+def _dump(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)

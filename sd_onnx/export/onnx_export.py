@@ -1,0 +1,142 @@
+"""torch -> ONNX for each component, with the input/output names of the diffusers/optimum ONNX layout."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DEFAULT_OPSET = 17
+EXTERNAL_DATA = "model.onnx_data"
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.model(input_ids=input_ids.to(torch.int64), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        # timestep may be [1] (diffusers' ONNX pipelines) or [B] (ours: one fractional t per latent).
+        timestep = timestep.to(sample.dtype).expand(sample.shape[0])
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _VaeEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor):
+        # The mean of the latent distribution: deterministic, so the runtime owns all randomness.
+        return self.model.encode(sample).latent_dist.mean
+
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent_sample: torch.Tensor):
+        return self.model.decode(latent_sample, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    wrap: Callable[[object], torch.nn.Module]
+    example: Callable[[object], tuple]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict
+
+
+def _text_example(model) -> tuple:
+    return (torch.zeros(1, 77, dtype=torch.int32),)
+
+
+def _unet_example(model) -> tuple:
+    cfg = model.config
+    return (
+        torch.randn(2, cfg.in_channels, 8, 8),
+        torch.tensor([500.0]),
+        torch.randn(2, 77, cfg.cross_attention_dim),
+    )
+
+
+def _vae_enc_example(model) -> tuple:
+    return (torch.randn(1, model.config.in_channels, 64, 64),)
+
+
+def _vae_dec_example(model) -> tuple:
+    return (torch.randn(1, model.config.latent_channels, 8, 8),)
+
+
+COMPONENTS = (
+    ComponentSpec("text_encoder", _TextEncoder, _text_example, ("input_ids",), ("last_hidden_state", "pooler_output"),
+                  {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}}),
+    ComponentSpec("unet", _UNet, _unet_example, ("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
+                  {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "timestep_batch"},
+                   # the sequence axis is dynamic: prompts over 75 tokens are encoded in chunks of 77 (A1111)
+                   "encoder_hidden_states": {0: "batch", 1: "sequence"},
+                   "out_sample": {0: "batch", 2: "height", 3: "width"}}),
+    ComponentSpec("vae_encoder", _VaeEncoder, _vae_enc_example, ("sample",), ("latent_sample",),
+                  {"sample": {0: "batch", 2: "height", 3: "width"},
+                   "latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"}}),
+    ComponentSpec("vae_decoder", _VaeDecoder, _vae_dec_example, ("latent_sample",), ("sample",),
+                  {"latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
+                   "sample": {0: "batch", 2: "height", 3: "width"}}),
+)
+
+
+def export_component(spec: ComponentSpec, model: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export one component to out_dir/model.onnx; weights go to one external-data file beside it."""
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "raw.onnx"
+    wrapper = spec.wrap(model).eval()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: its graphs are the ones ONNX Runtime's transformer fusions recognise,
+        # and it needs far less memory than the dynamo exporter for the full-size UNet.
+        torch.onnx.export(
+            wrapper,
+            spec.example(model),
+            str(raw),
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            dynamic_axes=spec.dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    del wrapper
+    gc.collect()
+    # Re-save: the UNet's weights (3.4 GB at full size, past protobuf's 2 GB) go to one external file, mmap-able.
+    proto = onnx.load(str(raw), load_external_data=True)
+    for stale in out_dir.iterdir():
+        stale.unlink()
+    target = out_dir / "model.onnx"
+    if spec.name == "unet":
+        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(target))
+    del proto
+    gc.collect()
+    return target
+

@@ -1,0 +1,1 @@
+"""Torch-free runtime: tokenizer, NumPy samplers, ONNX sessions, images."""
