@@ -1,0 +1,120 @@
+"""`sd-onnx` command line: parse, call the library, report; a user mistake is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sd_onnx import __version__
+from sd_onnx.errors import SdOnnxError
+
+EXIT_USER_ERROR = 2
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from sd_onnx.export.exporter import export_model
+    except ImportError as e:
+        raise SdOnnxError(f"export needs the export extra ({e.name} is missing): pip install 'sd-onnx[export]'") from None
+    result = export_model(Path(args.model), Path(args.output) if args.output else None, args.family,
+                          Path(args.config) if args.config else None, args.opset, args.force,
+                          log=(lambda m: None) if args.quiet else _say)
+    print(f"exported {result.family} ({result.prediction_type}) to {result.folder} in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sd_onnx.home import find_model
+    from sd_onnx.runtime.images import next_index, prepare_outdir, save_png
+    from sd_onnx.runtime.pipeline import GenerateRequest, generate
+    from sd_onnx.runtime.progress import Progress
+
+    request = GenerateRequest(args.prompt, args.negative_prompt, args.steps, args.cfg, args.sampler, args.seed,
+                              args.width, args.height, args.batch_size, args.batch_count, args.randn_source)
+    request.validate()
+    folder = find_model(args.model)
+    outdir = prepare_outdir(Path(args.output))
+    start = time.perf_counter()
+    progress = None if args.quiet else (lambda label: Progress(label))
+    result = generate(folder, request, args.device, args.threads, progress=progress,
+                      log=(lambda m: None) if args.quiet else _say)
+    index = next_index(outdir)
+    for i, img in enumerate(result.images):
+        path = save_png(img.image, outdir, index + i, img.seed, img.parameters)
+        print(path)
+    elapsed = time.perf_counter() - start
+    n = len(result.images)
+    if request.seed == -1:
+        _say(f"seed: {result.images[0].seed}")
+    _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {result.device.name}")
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from sd_onnx.selftest import run_selftest
+
+    return 0 if run_selftest(log=print) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sd_onnx.runtime.samplers import SAMPLER_NAMES
+
+    parser = argparse.ArgumentParser(prog="sd-onnx", description="Stable Diffusion on ONNX Runtime / OpenVINO, no torch needed to generate.")
+    parser.add_argument("--version", action="version", version=f"sd-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="convert a .ckpt/.safetensors/diffusers folder into an ONNX model folder")
+    p.add_argument("model", help="checkpoint file (.ckpt, .safetensors) or diffusers folder")
+    p.add_argument("-o", "--output", help="output folder (default: $SD_ONNX_HOME/models/<name>)")
+    p.add_argument("--config", help="original LDM inference YAML (default: <name>.yaml beside the file, else bundled)")
+    p.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sd2-v"])
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="txt2img from an exported model folder")
+    p.add_argument("prompt")
+    p.add_argument("-n", "--negative-prompt", default="")
+    p.add_argument("--model", help="model folder or name under $SD_ONNX_HOME/models (default: the only one)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    p.add_argument("--sampler", default="Euler a", metavar="NAME", help=f"one of: {', '.join(SAMPLER_NAMES)}")
+    p.add_argument("--seed", type=int, default=-1, help="-1 draws a random seed")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-count", type=int, default=1)
+    p.add_argument("--randn-source", choices=["cpu", "gpu"], default="cpu",
+                   help="noise: torch CPU generator (diffusers, A1111 --randn-source cpu) or A1111's GPU-compatible Philox")
+    p.add_argument("-o", "--output", default="outputs", help="output folder (default: ./outputs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("selftest", help="build a tiny random checkpoint, export it, generate on each provider, report")
+    p.set_defaults(func=cmd_selftest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SdOnnxError as e:
+        print(f"sd-onnx: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sd-onnx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

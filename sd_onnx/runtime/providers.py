@@ -1,0 +1,115 @@
+"""The one place that knows the hardware: CPU features, installed execution providers, and the --device choice."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+
+from sd_onnx.errors import UsageError
+
+# --device name -> (ONNX Runtime provider, pip package that brings it)
+ORT_DEVICES = {
+    "cpu": ("CPUExecutionProvider", "onnxruntime"),
+    "cuda": ("CUDAExecutionProvider", "onnxruntime-gpu"),
+    "rocm": ("ROCMExecutionProvider", "onnxruntime-rocm (AMD's build, see onnxruntime.ai ROCm install notes)"),
+    "migraphx": ("MIGraphXExecutionProvider", "onnxruntime-migraphx (AMD's build)"),
+    "dml": ("DmlExecutionProvider", "onnxruntime-directml (Windows)"),
+}
+OPENVINO_PACKAGE = "openvino"
+# What --device auto tries, best first: GPUs, then the CPU.
+AUTO_ORDER = ("cuda", "rocm", "migraphx", "dml", "cpu")
+CPU_FLAGS = {"sse4_2": "SSE4.2", "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512",
+             "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX512-BF16",
+             "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where sessions run: backend 'ort' with a provider list, or backend 'openvino' with an OpenVINO device."""
+
+    name: str
+    backend: str
+    providers: tuple[str, ...] = ()
+    openvino_device: str = "CPU"
+    reason: str = ""
+    notices: tuple[str, ...] = field(default_factory=tuple)
+
+
+def cpu_info() -> dict:
+    """CPU model and the instruction sets that decide which kernels run (Linux /proc/cpuinfo; best effort elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count() or 1,
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        "flags": [name for flag, name in CPU_FLAGS.items() if flag in flags],
+    }
+
+
+def ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return []
+    return list(ort.get_available_providers())
+
+
+def openvino_devices() -> list[str]:
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    try:
+        return list(ov.Core().available_devices)
+    except RuntimeError:
+        return []
+
+
+def resolve_device(name: str = "auto", available: list[str] | None = None,
+                   ov_devices: list[str] | None = None) -> Device:
+    """Turn a --device value into a Device, or a UsageError naming what to install."""
+    name = (name or "auto").lower()
+    available = ort_providers() if available is None else available
+    if name == "auto":
+        notices = []
+        for candidate in AUTO_ORDER:
+            provider, _ = ORT_DEVICES[candidate]
+            if provider in available:
+                providers = (provider,) if provider == "CPUExecutionProvider" else (provider, "CPUExecutionProvider")
+                reason = f"best installed provider: {provider}"
+                return Device(candidate, "ort", providers, reason=reason, notices=tuple(notices))
+        ov = openvino_devices() if ov_devices is None else ov_devices
+        if ov:
+            return Device("openvino", "openvino", openvino_device="CPU", reason="onnxruntime is missing; OpenVINO CPU")
+        raise UsageError("no runtime found: install onnxruntime (`pip install onnxruntime`) or openvino")
+    if name.startswith("openvino"):
+        ov = openvino_devices() if ov_devices is None else ov_devices
+        target = name.split(":", 1)[1].upper() if ":" in name else "CPU"
+        if not ov:
+            raise UsageError(f"--device {name}: OpenVINO is not installed; install it with `pip install {OPENVINO_PACKAGE}`")
+        if not any(d == target or d.startswith(target + ".") for d in ov):
+            raise UsageError(f"--device {name}: OpenVINO has no {target} device here (it has: {', '.join(ov)})")
+        return Device(name, "openvino", openvino_device=target, reason="requested")
+    if name not in ORT_DEVICES:
+        valid = ", ".join(["auto", *ORT_DEVICES, "openvino", "openvino:GPU"])
+        raise UsageError(f"unknown device '{name}'; valid: {valid}")
+    provider, package = ORT_DEVICES[name]
+    if provider not in available:
+        raise UsageError(f"--device {name}: ONNX Runtime's {provider} is not available here; install `{package}` "
+                         f"(available: {', '.join(available) or 'none'})")
+    providers = (provider,) if name == "cpu" else (provider, "CPUExecutionProvider")
+    return Device(name, "ort", providers, reason="requested")
+

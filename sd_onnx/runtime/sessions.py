@@ -1,0 +1,100 @@
+"""ONNX Runtime and OpenVINO behind one small interface: open a component, run it on named NumPy inputs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sd_onnx.errors import ModelFolderError, SdOnnxError
+from sd_onnx.runtime.providers import Device
+
+
+class Session(Protocol):
+    input_types: dict[str, str]
+
+    def run(self, feeds: dict[str, NDArray]) -> list[NDArray]: ...
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class OrtSession:
+    def __init__(self, path: Path, device: Device, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or default_threads()
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=list(device.providers))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
+            raise SdOnnxError(f"{path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+        used = self._session.get_providers()
+        if device.providers and used[0] != device.providers[0]:
+            print(f"sd-onnx: warning: {device.providers[0]} failed to load {path.parent.name}; "
+                  f"running on {used[0]}", file=sys.stderr)
+        self.input_types = {i.name: i.type for i in self._session.get_inputs()}
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
+        return self._session.run(self._outputs, _cast(feeds, self.input_types))
+
+
+class OpenVinoSession:
+    def __init__(self, path: Path, device: Device, threads: int | None = None, cache_dir: Path | None = None):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        try:
+            self._compiled = core.compile_model(str(path), device.openvino_device, config)
+        except RuntimeError as e:
+            raise SdOnnxError(f"{path}: OpenVINO cannot compile it for {device.openvino_device} ({_first_line(e)})") from None
+        self.input_types = {p.any_name: _ov_type(p.get_element_type()) for p in self._compiled.inputs}
+        self._request = self._compiled.create_infer_request()
+
+    def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
+        result = self._request.infer(_cast(feeds, self.input_types))
+        return [np.array(result[out]) for out in self._compiled.outputs]
+
+
+def open_session(folder: Path, component: str, device: Device, threads: int | None = None) -> Session:
+    path = folder / component / "model.onnx"
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} has no {component}/model.onnx")
+    if device.backend == "openvino":
+        from sd_onnx.home import home
+
+        return OpenVinoSession(path, device, threads, cache_dir=home() / "cache" / "openvino")
+    return OrtSession(path, device, threads)
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+             "tensor(int64)": np.int64, "tensor(double)": np.float64}
+
+
+def _cast(feeds: dict[str, NDArray], types: dict[str, str]) -> dict[str, NDArray]:
+    return {k: np.ascontiguousarray(v, dtype=_NP_TYPES.get(types.get(k, ""), v.dtype)) for k, v in feeds.items()}
+
+
+def _ov_type(element_type) -> str:
+    name = str(element_type.get_type_name()) if hasattr(element_type, "get_type_name") else str(element_type)
+    return {"f32": "tensor(float)", "f16": "tensor(float16)", "i32": "tensor(int32)", "i64": "tensor(int64)"}.get(
+        name, "tensor(float)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
