@@ -56,6 +56,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from sd_onnx.info import format_report, machine_report
+
+    report = machine_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from sd_onnx.selftest import run_selftest
 
@@ -98,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="this machine's CPU, runtimes, providers and models, and what --device auto picks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("selftest", help="build a tiny random checkpoint, export it, generate on each provider, report")
     p.set_defaults(func=cmd_selftest)

@@ -19,10 +19,11 @@ ORT_DEVICES = {
 OPENVINO_PACKAGE = "openvino"
 # What --device auto tries, best first: GPUs, then the CPU.
 AUTO_ORDER = ("cuda", "rocm", "migraphx", "dml", "cpu")
-CPU_FLAGS = {"sse4_2": "SSE4.2", "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512",
-             "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX512-BF16",
-             "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
-
+# Instruction sets that decide which kernels run. Read from CPUID through NumPy's own dispatcher (correct under
+# emulators such as qemu-user, where /proc/cpuinfo shows the host); /proc/cpuinfo only for what NumPy lacks.
+NUMPY_FEATURES = {"SSE42": "SSE4.2", "AVX": "AVX", "AVX2": "AVX2", "FMA3": "FMA", "AVX512F": "AVX-512",
+                  "AVX512VNNI": "AVX512-VNNI", "AVX512BF16": "AVX512-BF16"}
+PROC_FLAGS = {"avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
 
 @dataclass(frozen=True)
 class Device:
@@ -37,27 +38,31 @@ class Device:
 
 
 def cpu_info() -> dict:
-    """CPU model and the instruction sets that decide which kernels run (Linux /proc/cpuinfo; best effort elsewhere)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """CPU model, cores and instruction sets (CPUID via NumPy; model name and AMX from /proc/cpuinfo on Linux)."""
+    model, proc_flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                if key.strip() == "model name":
                     model = value.strip()
-                elif key == "flags":
-                    flags = set(value.split())
+                elif key.strip() == "flags":
+                    proc_flags = set(value.split())
                     break
     except OSError:
         pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as cpuid
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as cpuid
+    flags = [name for key, name in NUMPY_FEATURES.items() if cpuid.get(key)]
+    flags += [name for flag, name in PROC_FLAGS.items() if flag in proc_flags and cpuid.get("AVX2")]
     return {
         "model": model,
         "logical_cores": os.cpu_count() or 1,
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
-        "flags": [name for flag, name in CPU_FLAGS.items() if flag in flags],
+        "flags": flags,
     }
-
 
 def ort_providers() -> list[str]:
     try:

@@ -1,0 +1,67 @@
+"""`sd-onnx info`: the machine, the installed runtimes, the models, and what --device auto would do and why."""
+
+from __future__ import annotations
+
+import os
+
+from sd_onnx.errors import SdOnnxError
+from sd_onnx.home import installed_models, models_dir
+from sd_onnx.runtime.providers import ORT_DEVICES, OPENVINO_PACKAGE, cpu_info, openvino_devices, ort_providers, resolve_device
+
+
+def machine_report() -> dict:
+    cpu = cpu_info()
+    available = ort_providers()
+    report = {
+        "cpu": cpu,
+        "ram_gb": _ram_gb(),
+        "onnxruntime": {"version": _version("onnxruntime"), "providers": available},
+        "openvino": {"version": _version("openvino"), "devices": openvino_devices()},
+        "models_dir": str(models_dir()),
+        "models": [p.name for p in installed_models()],
+        "missing": {name: f"pip install {package}" for name, (provider, package) in ORT_DEVICES.items()
+                    if provider not in available},
+    }
+    if not report["openvino"]["devices"]:
+        report["missing"]["openvino"] = f"pip install {OPENVINO_PACKAGE}"
+    try:
+        auto = resolve_device("auto", available)
+        report["auto"] = {"device": auto.name, "providers": list(auto.providers), "reason": auto.reason}
+    except SdOnnxError as e:
+        report["auto"] = {"device": None, "reason": str(e)}
+    if "AVX" not in cpu["flags"]:
+        report["note"] = "no AVX: ONNX Runtime and OpenVINO fall back to their SSE4.2 kernels (slower, still correct)"
+    return report
+
+
+def format_report(r: dict) -> str:
+    cpu = r["cpu"]
+    lines = [
+        f"CPU:         {cpu['model']}, {cpu['usable_cores']} usable of {cpu['logical_cores']} logical cores, "
+        f"{r['ram_gb']:.1f} GB RAM",
+        f"Instructions: {', '.join(cpu['flags']) or 'none of SSE4.2 and later'}",
+        f"onnxruntime: {r['onnxruntime']['version'] or 'not installed'} "
+        f"({', '.join(r['onnxruntime']['providers']) or 'no providers'})",
+        f"openvino:    {r['openvino']['version'] or 'not installed'} ({', '.join(r['openvino']['devices']) or 'no devices'})",
+        f"models:      {', '.join(r['models']) or 'none'} in {r['models_dir']}",
+        f"--device auto: {r['auto']['device']} ({r['auto']['reason']})",
+    ]
+    if r.get("note"):
+        lines.append(f"note:        {r['note']}")
+    for name, command in r["missing"].items():
+        lines.append(f"to add {name + ':':<10} {command}")
+    return "\n".join(lines)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def _ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return 0.0
