@@ -32,7 +32,8 @@ class _LightningCallbackStub:
 _EXTRA_SAFE_GLOBALS = [
     (_LightningCallbackStub, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
 ]
-_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+# torch words a refused global two ways: not allow-listed, or from a blocked module (os, posix, subprocess, ...).
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -80,9 +81,21 @@ def _load_pickle_checkpoint(path: Path) -> object:
                 f"{path.name}: refused to load: the pickle asks for '{refused.group(1)}', which is not "
                 "a tensor, storage, container or primitive (the file may run code when loaded elsewhere)"
             ) from None
-        raise CheckpointError(f"{path.name}: not a readable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path.name}: not a readable checkpoint ({_unpickling_reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path.name}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- other bytes (text, garbage) make the unpickler fail in any way
+        raise CheckpointError(
+            f"{path.name}: not a PyTorch checkpoint, or a corrupt one (unpickling failed: {type(e).__name__} {_first_line(e)})"
+        ) from None
+
+
+def _unpickling_reason(e: BaseException) -> str:
+    """The specific line of torch's weights-only error, not its generic 'Weights only load failed...' preamble."""
+    generic = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    specific = [line for line in lines if not line.startswith(generic)]
+    return specific[0][:200] if specific else _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,9 @@ def _families_with(text_encoder: str) -> list[Family]:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).replace("\n", " ").replace("\t", " ")
+    # str(KeyError) is the repr of its argument: quoted, with its own quotes escaped; use the message itself.
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    text = text.replace("\n", " ").replace("\t", " ")
     return " ".join(text.split())[:300]
 
 
@@ -161,7 +164,8 @@ def _build_unet_vae(config: dict, sd: dict, image_size: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    with _quiet_diffusers(), contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_diffusers(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # diffusers deprecates image_size; we pass the YAML's
         unet_cfg = sfu.create_unet_diffusers_config_from_ldm(config, sd, image_size=image_size)
         unet_sd = sfu.convert_ldm_unet_checkpoint(sd, unet_cfg)
         vae_cfg = sfu.create_vae_diffusers_config_from_ldm(config, sd, image_size=image_size)

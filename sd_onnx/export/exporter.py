@@ -7,6 +7,7 @@ import json
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -63,7 +64,9 @@ def export_model(
         gc.collect()
     log(f"family {model.family.name} ({model.family_reason}); config: {model.config_source}")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    # Not mkdtemp: its 0700 mode would end up on the finished folder; mkdir honours the umask like any save.
+    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         seconds = {}
         unet_config = dict(model.unet.config)
