@@ -23,7 +23,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SdOnnxError(f"export needs the export extra ({e.name} is missing): pip install 'sd-onnx[export]'") from None
     result = export_model(Path(args.model), Path(args.output) if args.output else None, args.family,
-                          Path(args.config) if args.config else None, args.opset, args.force,
+                          Path(args.config) if args.config else None, args.opset, args.force, not args.no_optimize,
                           log=(lambda m: None) if args.quiet else _say)
     print(f"exported {result.family} ({result.prediction_type}) to {result.folder} in {result.seconds:.1f} s")
     return 0
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sd2-v"])
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="keep the plain UNet graph (default: fuse attention/LayerNorm with ONNX Runtime's optimizer)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -39,6 +39,7 @@ def export_model(
     config: Path | None = None,
     opset: int | None = None,
     force: bool = False,
+    optimize: bool = True,
     log: Callable[[str], None] = lambda msg: None,
 ) -> ExportResult:
     from sd_onnx.export.checkpoint import file_hashes, load_checkpoint
@@ -69,6 +70,7 @@ def export_model(
     tmp.mkdir()
     try:
         seconds = {}
+        fused: dict[str, int] = {}
         unet_config = dict(model.unet.config)
         modules = {"text_encoder": model.text_encoder, "unet": model.unet, "vae_encoder": model.vae,
                    "vae_decoder": model.vae}
@@ -80,8 +82,13 @@ def export_model(
             if spec.name == "unet":
                 model.unet = modules["unet"] = None  # release 3.4 GB before the VAE export
                 gc.collect()
+                if optimize:
+                    from sd_onnx.export.optimize import optimize_unet
+
+                    log("fusing attention and LayerNorm in the UNet graph")
+                    fused = optimize_unet(tmp / "unet" / "model.onnx")
         _write_configs(tmp, model, unet_config)
-        _write_metadata(tmp, model, source, hashes, opset or DEFAULT_OPSET)
+        _write_metadata(tmp, model, source, hashes, opset or DEFAULT_OPSET, fused)
         _replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,7 +144,7 @@ def _write_configs(folder: Path, model, unet_config: dict) -> None:
     })
 
 
-def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int) -> None:
+def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int, fused: dict[str, int]) -> None:
     import diffusers
     import onnx
     import torch
@@ -154,6 +161,7 @@ def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int)
         "source": {"name": source.name, **hashes},
         "components": {name: {"file": f"{name}/model.onnx", "precision": "fp32"} for name in COMPONENT_ORDER},
         "opset": opset,
+        "graph_optimizations": {"unet": fused},
         "versions": {"sd_onnx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "onnx": onnx.__version__},
     })
