@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sd_onnx.errors import CheckpointError, SdOnnxError
+from sd_onnx.errors import CheckpointError
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

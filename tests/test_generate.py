@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -201,3 +202,19 @@ def test_generate_runs_without_torch(tiny_model, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "00000-1.png").exists()
+
+
+def test_default_model_from_home(tiny_model, tmp_path, monkeypatch, capsys):
+    """Without --model: the only model under $SD_ONNX_HOME/models is used; with two, the error lists them."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(tiny_model("sd1"), home / "models" / "first")
+    monkeypatch.setenv("SD_ONNX_HOME", str(home))
+    args = ["generate", "a cat", "--steps", "1", "--width", "64", "--height", "64", "--seed", "1",
+            "-o", str(tmp_path / "out"), "-q"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "00000-1.png").exists()
+    shutil.copytree(tiny_model("sd1"), home / "models" / "second")
+    assert main(args) == 2
+    assert "several models installed" in capsys.readouterr().err
+    assert main([*args[:1], "a cat", "--model", "second", *args[2:]]) == 0

@@ -111,7 +111,7 @@ def build_from_diffusers(folder: Path, family_name: str = "auto") -> ResolvedMod
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} is a folder but not a diffusers model (no model_index.json)")
     try:
-        with _quiet_diffusers():
+        with quiet_logger("diffusers"):
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
             text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
@@ -150,8 +150,9 @@ def _short(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_diffusers():
-    logger = logging.getLogger("diffusers")
+def quiet_logger(name: str):
+    """Raise a library's logger to ERROR for the duration (diffusers and ORT chat about deprecations)."""
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -164,7 +165,7 @@ def _build_unet_vae(config: dict, sd: dict, image_size: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    with _quiet_diffusers(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with quiet_logger("diffusers"), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # diffusers deprecates image_size; we pass the YAML's
         unet_cfg = sfu.create_unet_diffusers_config_from_ldm(config, sd, image_size=image_size)
         unet_sd = sfu.convert_ldm_unet_checkpoint(sd, unet_cfg)

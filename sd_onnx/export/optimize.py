@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+from sd_onnx.export.convert import quiet_logger
 
 # Fusions whose fused ops exist only as CUDA kernels; enabling them would make the model unloadable on the CPU.
 CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
@@ -34,7 +35,8 @@ def optimize_unet(model_path: Path) -> dict[str, int]:
     folder = model_path.parent
     external = _external_location(model_path)
     proto = onnx.load(str(model_path), load_external_data=False)
-    with _numpy2_num_heads(), _quiet(), _working_dir(folder):
+    with _numpy2_num_heads(), quiet_logger("onnxruntime.transformers"), \
+            contextlib.redirect_stderr(io.StringIO()), _working_dir(folder):
         model = ort_optimizer.optimize_model(proto, model_type="unet", opt_level=0,
                                              optimization_options=options, use_gpu=False)
         stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
@@ -134,15 +136,3 @@ def _numpy2_num_heads():
         yield
     finally:
         fau.FusionAttentionUnet.get_num_heads = original
-
-
-@contextlib.contextmanager
-def _quiet():
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
