@@ -52,7 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = len(result.images)
     if request.seed == -1:
         _say(f"seed: {result.images[0].seed}")
-    _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {result.device.name}")
+    t = result.timings
+    _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {result.device.name}: text encoder "
+         f"{t['text_encoder_s']:.1f} s, UNet load {t['unet_load_s']:.1f} s, sampling {t['sampling_s']:.1f} s, "
+         f"VAE decode {t['vae_decode_s']:.1f} s")
     return 0
 
 
