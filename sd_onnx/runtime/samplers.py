@@ -229,8 +229,8 @@ def sample_dpmpp_sde(model: DenoiseFn, x: Array, sigmas: NDArray, noise: NoiseFn
     """DPM-Solver++ (stochastic), k-diffusion's sample_dpmpp_sde.
 
     k-diffusion (so A1111) takes the noise of both sub-steps from a Brownian tree over sigma: normalised
-    increments over [s_mid, s] and [s_next, s], the second containing the first. We build the same increments
-    from two `noise()` draws, so the noise has the tree's joint law but not torchsde's values.
+    increments over [s_mid, s] and [s_next, s], the second containing the first. Two `noise()` draws give
+    the same increments here, so the noise has the tree's joint law but not torchsde's values.
     """
     for _, s, s_next in _steps(sigmas, callback):
         denoised = model(x, s)
