@@ -81,8 +81,8 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
         return OpenVinoSession(path, device, threads, cache_dir=home() / "cache" / "openvino")
     cpu_only = tuple(device.providers) == ("CPUExecutionProvider",)
     # ORT_ENABLE_ALL adds the CPU's NCHWc layout rewrites. Measured at full size: the VAE decoder runs 14% faster
-    # with them (15.4 vs 17.8 s), but for the UNet they cost 8.7 s at every start (9.9 vs 1.2 s) for about 1%
-    # per step (11.28 vs 11.43 s), a loss for any image under ~60 steps.
+    # with them (15.4 vs 17.8 s), but for the UNet they cost 8.7 s at every start (9.9 vs 1.2 s) for 1-5% per
+    # step (runs disagree): even at 20 steps end to end (239.5 vs 239.2 s), a loss for shorter runs.
     return OrtSession(path, device, threads, full_optimization=not (cpu_only and component == "unet"))
 
 
