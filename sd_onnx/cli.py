@@ -42,8 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     outdir = prepare_outdir(Path(args.output))
     start = time.perf_counter()
     progress = None if args.quiet else (lambda label: Progress(label))
-    result = generate(folder, request, args.device, args.threads, progress=progress,
-                      log=(lambda m: None) if args.quiet else _say)
+    result = generate(folder, request, args.device, args.threads, progress=progress)
     index = next_index(outdir)
     for i, img in enumerate(result.images):
         path = save_png(img.image, outdir, index + i, img.seed, img.parameters)

@@ -1,6 +1,12 @@
 """The one error type a user sees: the CLI turns it into a single line and a non-zero exit."""
 
 
+def first_line(e: BaseException, limit: int) -> str:
+    """The first line of an exception's message, cut to `limit` characters, for a one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 class SdOnnxError(Exception):
     """A problem the user can act on (bad file, bad flag, missing provider)."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sd_onnx.errors import CheckpointError
+from sd_onnx.errors import CheckpointError, first_line
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name}: not a readable .safetensors file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path.name}: not a readable .safetensors file ({first_line(e, 200)})") from None
 
 
 def _load_pickle_checkpoint(path: Path) -> object:
@@ -83,10 +83,10 @@ def _load_pickle_checkpoint(path: Path) -> object:
             ) from None
         raise CheckpointError(f"{path.name}: not a readable checkpoint ({_unpickling_reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path.name}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path.name}: truncated or corrupt checkpoint ({first_line(e, 200)})") from None
     except Exception as e:  # noqa: BLE001 -- other bytes (text, garbage) make the unpickler fail in any way
         raise CheckpointError(
-            f"{path.name}: not a PyTorch checkpoint, or a corrupt one (unpickling failed: {type(e).__name__} {_first_line(e)})"
+            f"{path.name}: not a PyTorch checkpoint, or a corrupt one (unpickling failed: {type(e).__name__} {first_line(e, 200)})"
         ) from None
 
 
@@ -95,12 +95,7 @@ def _unpickling_reason(e: BaseException) -> str:
     generic = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     specific = [line for line in lines if not line.startswith(generic)]
-    return specific[0][:200] if specific else _first_line(e)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    return specific[0][:200] if specific else first_line(e, 200)
 
 
 def file_hashes(path: Path) -> dict[str, str]:

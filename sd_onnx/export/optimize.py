@@ -33,8 +33,8 @@ def optimize_unet(model_path: Path) -> dict[str, int]:
         if hasattr(options, name):
             setattr(options, name, False)
     folder = model_path.parent
-    external = _external_location(model_path)
     proto = onnx.load(str(model_path), load_external_data=False)
+    external = _external_location(proto, model_path)
     with _numpy2_num_heads(), quiet_logger("onnxruntime.transformers"), \
             contextlib.redirect_stderr(io.StringIO()), _working_dir(folder):
         model = ort_optimizer.optimize_model(proto, model_type="unet", opt_level=0,
@@ -92,11 +92,9 @@ def _compact(proto, data_path: Path, location: str, block: int = 64 << 20) -> No
     tmp.replace(data_path)
 
 
-def _external_location(model_path: Path) -> str:
-    import onnx
+def _external_location(proto, model_path: Path) -> str:
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    proto = onnx.load(str(model_path), load_external_data=False)
     for tensor in proto.graph.initializer:
         if uses_external_data(tensor):
             return ExternalDataInfo(tensor).location

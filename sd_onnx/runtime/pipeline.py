@@ -117,15 +117,12 @@ def generate(
     device: str | Device = "auto",
     threads: int | None = None,
     progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
-    log: Callable[[str], None] = lambda msg: None,
 ) -> GenerateResult:
     """Run txt2img; images come back with their seeds and A1111 parameters (saving is the caller's choice)."""
     request.validate()
     folder = Path(folder)
     meta = check_folder(folder)
     dev = device if isinstance(device, Device) else resolve_device(device)
-    for notice in dev.notices:
-        log(notice)
     timings: dict[str, float] = {}
     seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
     latent_shape = (4, request.height // 8, request.width // 8)

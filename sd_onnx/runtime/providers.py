@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sd_onnx.errors import UsageError
 
@@ -34,7 +34,6 @@ class Device:
     providers: tuple[str, ...] = ()
     openvino_device: str = "CPU"
     reason: str = ""
-    notices: tuple[str, ...] = field(default_factory=tuple)
 
 
 def cpu_info() -> dict:
@@ -60,9 +59,14 @@ def cpu_info() -> dict:
     return {
         "model": model,
         "logical_cores": os.cpu_count() or 1,
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        "usable_cores": usable_cores(),
         "flags": flags,
     }
+
+def usable_cores() -> int:
+    """The cores this process may run on (the default thread count of every session)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 
 def ort_providers() -> list[str]:
     try:
@@ -89,13 +93,12 @@ def resolve_device(name: str = "auto", available: list[str] | None = None,
     name = (name or "auto").lower()
     available = ort_providers() if available is None else available
     if name == "auto":
-        notices = []
         for candidate in AUTO_ORDER:
             provider, _ = ORT_DEVICES[candidate]
             if provider in available:
                 providers = (provider,) if provider == "CPUExecutionProvider" else (provider, "CPUExecutionProvider")
                 reason = f"best installed provider: {provider}"
-                return Device(candidate, "ort", providers, reason=reason, notices=tuple(notices))
+                return Device(candidate, "ort", providers, reason=reason)
         ov = openvino_devices() if ov_devices is None else ov_devices
         if ov:
             return Device("openvino", "openvino", openvino_device="CPU", reason="onnxruntime is missing; OpenVINO CPU")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -10,18 +9,14 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from sd_onnx.errors import ModelFolderError, SdOnnxError
-from sd_onnx.runtime.providers import Device
+from sd_onnx.errors import ModelFolderError, SdOnnxError, first_line
+from sd_onnx.runtime.providers import Device, usable_cores
 
 
 class Session(Protocol):
     input_types: dict[str, str]
 
     def run(self, feeds: dict[str, NDArray]) -> list[NDArray]: ...
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class OrtSession:
@@ -31,12 +26,12 @@ class OrtSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full_optimization
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-        options.intra_op_num_threads = threads or default_threads()
+        options.intra_op_num_threads = threads or usable_cores()
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(path), options, providers=list(device.providers))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
-            raise SdOnnxError(f"{path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+            raise SdOnnxError(f"{path}: ONNX Runtime cannot load it ({first_line(e, 300)})") from None
         used = self._session.get_providers()
         if device.providers and used[0] != device.providers[0]:
             print(f"sd-onnx: warning: {device.providers[0]} failed to load {path.parent.name}; "
@@ -62,7 +57,7 @@ class OpenVinoSession:
         try:
             self._compiled = core.compile_model(str(path), device.openvino_device, config)
         except RuntimeError as e:
-            raise SdOnnxError(f"{path}: OpenVINO cannot compile it for {device.openvino_device} ({_first_line(e)})") from None
+            raise SdOnnxError(f"{path}: OpenVINO cannot compile it for {device.openvino_device} ({first_line(e, 300)})") from None
         self.input_types = {p.any_name: _ov_type(p.get_element_type()) for p in self._compiled.inputs}
         self._request = self._compiled.create_infer_request()
 
@@ -98,8 +93,3 @@ def _ov_type(element_type) -> str:
     name = str(element_type.get_type_name()) if hasattr(element_type, "get_type_name") else str(element_type)
     return {"f32": "tensor(float)", "f16": "tensor(float16)", "i32": "tensor(int32)", "i64": "tensor(int64)"}.get(
         name, "tensor(float)")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
