@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import gc
-import json
-import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,6 +11,7 @@ from typing import Callable
 from sd_onnx import __version__
 from sd_onnx.errors import SdOnnxError
 from sd_onnx.home import METADATA, models_dir
+from sd_onnx.staging import check_writable, dump_json, staged_folder
 
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -49,9 +46,9 @@ def export_model(
     start = time.perf_counter()
     source = Path(source)
     output = Path(output) if output is not None else default_output(source)
-    if output.exists() and not force:
+    if output.exists() and not force:  # checked again when staging; this spares loading the checkpoint
         raise SdOnnxError(f"output folder already exists: {output} (use --force to replace it)")
-    _check_writable(output.parent)
+    check_writable(output.parent)
 
     if source.is_dir():
         model = build_from_diffusers(source, family)
@@ -65,10 +62,7 @@ def export_model(
         gc.collect()
     log(f"family {model.family.name} ({model.family_reason}); config: {model.config_source}")
 
-    # Not mkdtemp: its 0700 mode would end up on the finished folder; mkdir honours the umask like any save.
-    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    with staged_folder(output, force) as tmp:
         seconds = {}
         fused: dict[str, int] = {}
         unet_config = dict(model.unet.config)
@@ -89,30 +83,7 @@ def export_model(
                     fused = optimize_unet(tmp / "unet" / "model.onnx")
         _write_configs(tmp, model, unet_config)
         _write_metadata(tmp, model, source, hashes, opset or DEFAULT_OPSET, fused)
-        _replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(output, model.family.name, model.prediction_type, round(time.perf_counter() - start, 2), seconds)
-
-
-def _check_writable(parent: Path) -> None:
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".sd-onnx-probe-")
-        probe.close()
-    except OSError as e:
-        raise SdOnnxError(f"cannot write to {parent}: {e.strerror or e}") from None
-
-
-def _replace(tmp: Path, output: Path) -> None:
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{int(time.time())}")
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_configs(folder: Path, model, unet_config: dict) -> None:
@@ -123,13 +94,13 @@ def _write_configs(folder: Path, model, unet_config: dict) -> None:
     write_tokenizer_folder(folder / "tokenizer", pad_token=model.family.pad_token)
     (folder / "scheduler").mkdir(exist_ok=True)
     sched = dict(model.scheduler_config, _diffusers_version=diffusers.__version__)
-    _dump(folder / "scheduler" / "scheduler_config.json", sched)
-    _dump(folder / "text_encoder" / "config.json", model.text_encoder.config.to_dict())
+    dump_json(folder / "scheduler" / "scheduler_config.json", sched)
+    dump_json(folder / "text_encoder" / "config.json", model.text_encoder.config.to_dict())
     for name in ("vae_encoder", "vae_decoder"):
-        _dump(folder / name / "config.json", dict(model.vae.config))
-    _dump(folder / "unet" / "config.json", unet_config)
+        dump_json(folder / name / "config.json", dict(model.vae.config))
+    dump_json(folder / "unet" / "config.json", unet_config)
     onnx_model = ["diffusers", "OnnxRuntimeModel"]
-    _dump(folder / "model_index.json", {
+    dump_json(folder / "model_index.json", {
         "_class_name": "OnnxStableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
@@ -150,7 +121,7 @@ def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int,
     import torch
     import transformers
 
-    _dump(folder / METADATA, {
+    dump_json(folder / METADATA, {
         "format": 1,
         "family": model.family.name,
         "family_reason": model.family_reason,
@@ -165,14 +136,3 @@ def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int,
         "versions": {"sd_onnx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "onnx": onnx.__version__},
     })
-
-
-def _dump(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value)
