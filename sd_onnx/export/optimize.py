@@ -35,11 +35,13 @@ def optimize_unet(model_path: Path) -> dict[str, int]:
     folder = model_path.parent
     proto = onnx.load(str(model_path), load_external_data=False)
     external = _external_location(proto, model_path)
-    with _numpy2_num_heads(), quiet_logger("onnxruntime.transformers"), \
+    with _numpy2_num_heads(), _self_attention_as_mha(), quiet_logger("onnxruntime.transformers"), \
             contextlib.redirect_stderr(io.StringIO()), _working_dir(folder):
         model = ort_optimizer.optimize_model(proto, model_type="unet", opt_level=0,
                                              optimization_options=options, use_gpu=False)
         stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+        if not any(o.domain == "com.microsoft" for o in model.model.opset_import):
+            model.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         _append_new_tensors(model.model, folder / external, external)
         _compact(model.model, folder / external, external)
         tmp = model_path.with_name(model_path.name + ".tmp")
@@ -134,3 +136,34 @@ def _numpy2_num_heads():
         yield
     finally:
         fau.FusionAttentionUnet.get_num_heads = original
+
+
+@contextlib.contextmanager
+def _self_attention_as_mha():
+    """Fuse self-attention like cross-attention: MultiHeadAttention over the separate Q, K and V MatMuls.
+
+    ORT's default for the CPU is an Attention node with one packed QKV weight. MultiHeadAttention runs
+    MLAS flash attention on the CPU, and keeping Q/K/V as plain MatMuls lets int8 quantization reach them."""
+    import fusion_attention_unet as fau
+    import onnx
+
+    original = fau.FusionAttentionUnet.create_attention_node
+
+    def create_attention_node(self, q_matmul, k_matmul, v_matmul, num_heads, hidden_size, input, output):
+        if self.is_cross_attention:
+            return original(self, q_matmul, k_matmul, v_matmul, num_heads, hidden_size, input, output)
+        if not q_matmul.input[0] == k_matmul.input[0] == v_matmul.input[0] == input:
+            return None
+        if num_heads <= 0 or (hidden_size > 0 and hidden_size % num_heads):
+            return None
+        node = onnx.helper.make_node("MultiHeadAttention", [q_matmul.output[0], k_matmul.output[0], v_matmul.output[0]],
+                                     [output], name=self.model.create_node_name("MultiHeadAttention"),
+                                     domain="com.microsoft", num_heads=num_heads)
+        self.increase_counter("MultiHeadAttention (self attention)")
+        return node
+
+    fau.FusionAttentionUnet.create_attention_node = create_attention_node
+    try:
+        yield
+    finally:
+        fau.FusionAttentionUnet.create_attention_node = original
