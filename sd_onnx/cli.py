@@ -34,15 +34,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sd_onnx.runtime.images import next_index, prepare_outdir, save_png
     from sd_onnx.runtime.pipeline import GenerateRequest, generate
     from sd_onnx.runtime.progress import Progress
+    from sd_onnx.runtime.providers import cpu_info
+    from sd_onnx.runtime.variants import choose_variant
 
     request = GenerateRequest(args.prompt, args.negative_prompt, args.steps, args.cfg, args.sampler, args.seed,
                               args.width, args.height, args.batch_size, args.batch_count, args.randn_source)
     request.validate()
-    folder = find_model(args.model)
+    folder, why = choose_variant(find_model(args.model), args.precision, args.device, cpu_info()["flags"])
+    if not args.quiet or args.precision != "auto":
+        _say(f"model: {folder.name}, precision {why}")
     outdir = prepare_outdir(Path(args.output))
     start = time.perf_counter()
     progress = None if args.quiet else (lambda label: Progress(label))
-    result = generate(folder, request, args.device, args.threads, progress=progress)
+    result = generate(folder, request, args.device, args.threads, progress=progress, low_memory=args.low_memory)
     index = next_index(outdir)
     for i, img in enumerate(result.images):
         path = save_png(img.image, outdir, index + i, img.seed, img.parameters)
@@ -55,6 +59,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {result.device.name}: text encoder "
          f"{t['text_encoder_s']:.1f} s, UNet load {t['unet_load_s']:.1f} s, sampling {t['sampling_s']:.1f} s, "
          f"VAE decode {t['vae_decode_s']:.1f} s")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        from sd_onnx.quantize.fidelity import format_report
+        from sd_onnx.quantize.variant import QuantizeOptions, quantize_model
+    except ImportError as e:
+        raise SdOnnxError(f"quantize needs the quantize extra ({e.name} is missing): pip install 'sd-onnx[quantize]'") from None
+    components = tuple(c.strip() for c in args.components.split(",") if c.strip()) if args.components else None
+    options = QuantizeOptions(args.precision, components, Path(args.calibration_prompts) if args.calibration_prompts
+                              else None, calibration_steps=args.calibration_steps,
+                              calibration_size=args.calibration_size, fidelity_steps=args.fidelity_steps,
+                              force=args.force, any_cpu=args.any_cpu, threads=args.threads)
+    result = quantize_model(args.model, options, Path(args.output) if args.output else None,
+                            log=(lambda m: None) if args.quiet else _say)
+    print(format_report(result.fidelity, result.precision))
+    print(f"wrote the {result.precision} variant ({', '.join(result.components)}) to {result.folder} "
+          f"in {result.seconds:.0f} s")
     return 0
 
 
@@ -109,9 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise: torch CPU generator (diffusers, A1111 --randn-source cpu) or A1111's GPU-compatible Philox")
     p.add_argument("-o", "--output", default="outputs", help="output folder (default: ./outputs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"],
+                   help="which variant to run (made by `sd-onnx quantize`); auto: the best one found for this "
+                        "hardware, else fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="least RAM: no ONNX Runtime memory arenas, VAE decoded in 512px tiles (for large images)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="make an int8, bf16 or fp16 variant of a model folder, with a fidelity report")
+    p.add_argument("model", nargs="?", help="fp32 model folder or name (default: the only installed model)")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                      help="int8 UNet for CPUs (static QDQ, calibrated on real denoising steps)")
+    kind.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                      help="bf16 weights, run by OpenVINO in bf16 (CPUs with AVX512-BF16 or AMX)")
+    kind.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                      help="fp16 for GPU providers (overflowing ops kept fp32)")
+    p.add_argument("-o", "--output", help="output folder (default: <model>-<precision> beside the model)")
+    p.add_argument("--components", help="comma-separated: text_encoder,unet,vae_encoder,vae_decoder "
+                                        "(default: unet for int8, all for bf16/fp16)")
+    p.add_argument("--calibration-prompts", metavar="FILE", help="prompts, one per line (default: built-in)")
+    p.add_argument("--calibration-steps", type=int, default=8, help="denoising steps recorded per prompt")
+    p.add_argument("--calibration-size", type=int, default=None, help="image size for calibration and the "
+                                                                       "fidelity check (default: half the model's)")
+    p.add_argument("--fidelity-steps", type=int, default=10)
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--any-cpu", action="store_true", help="build a bf16 variant even on a CPU without BF16")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="this machine's CPU, runtimes, providers and models, and what --device auto picks")
     p.add_argument("--json", action="store_true", help="machine-readable output")

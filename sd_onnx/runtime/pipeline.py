@@ -21,8 +21,9 @@ from sd_onnx.runtime.noise import ImageRng
 from sd_onnx.runtime.prompt import apply_emphasis, concat_chunks, pad_to_same_chunks, tokenize_prompt
 from sd_onnx.runtime.providers import Device, resolve_device
 from sd_onnx.runtime.samplers import SAMPLER_NAMES, Denoiser, ldm_alphas_cumprod, sample
-from sd_onnx.runtime.sessions import Session, open_session
+from sd_onnx.runtime.sessions import Session, cast_feeds, open_session
 from sd_onnx.runtime.tokenizer import ClipTokenizer
+from sd_onnx.runtime.vae_tiles import decode_tiled
 
 MAX_SEED = 2**32 - 1
 
@@ -82,10 +83,33 @@ class Conditioning:
         self.cond, self.uncond = cond, uncond
 
 
-def encode_prompts(folder: Path, device: Device, prompt: str, negative: str, threads: int | None = None) -> Conditioning:
+Observer = Callable[[str, dict], None]
+
+
+class _Observed:
+    """A session that shows every feed to an observer first (calibration records real inputs this way)."""
+
+    def __init__(self, session: Session, component: str, observe: Observer):
+        self._session, self._component, self._observe = session, component, observe
+        self.input_types = session.input_types
+
+    def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
+        feeds = cast_feeds(feeds, self.input_types)  # as the model receives them (token ids int32, ...)
+        self._observe(self._component, feeds)
+        return self._session.run(feeds)
+
+
+def _open(folder: Path, component: str, device: Device, threads: int | None, observe: Observer | None,
+          low_memory: bool = False) -> Session:
+    session = open_session(folder, component, device, threads, low_memory)
+    return _Observed(session, component, observe) if observe else session
+
+
+def encode_prompts(folder: Path, device: Device, prompt: str, negative: str, threads: int | None = None,
+                   observe: Observer | None = None) -> Conditioning:
     tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
     pos, neg = pad_to_same_chunks(tokenize_prompt(tokenizer, prompt), tokenize_prompt(tokenizer, negative))
-    session = open_session(folder, "text_encoder", device, threads)
+    session = _open(folder, "text_encoder", device, threads, observe)
     ids = np.concatenate([pos.ids, neg.ids])
     hidden = session.run({"input_ids": ids})[0]  # [2n, 77, D]; released with the session below
     n = pos.n_chunks
@@ -117,24 +141,29 @@ def generate(
     device: str | Device = "auto",
     threads: int | None = None,
     progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+    observe: Observer | None = None,
+    low_memory: bool = False,
 ) -> GenerateResult:
-    """Run txt2img; images come back with their seeds and A1111 parameters (saving is the caller's choice)."""
+    """Run txt2img; images come back with their seeds and A1111 parameters (saving is the caller's choice).
+
+    `observe(component, feeds)`, if given, sees every input fed to text_encoder, unet and vae_decoder.
+    `low_memory` (A1111's --lowvram for the CPU): no ONNX Runtime memory arenas, and the VAE decodes in tiles."""
     request.validate()
     folder = Path(folder)
     meta = check_folder(folder)
-    dev = device if isinstance(device, Device) else resolve_device(device)
+    dev = device if isinstance(device, Device) else resolve_device(device, precision=meta.get("precision", "fp32"))
     timings: dict[str, float] = {}
     seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
     latent_shape = (4, request.height // 8, request.width // 8)
 
     t0 = time.perf_counter()
-    cond = encode_prompts(folder, dev, request.prompt, request.negative_prompt, threads)
+    cond = encode_prompts(folder, dev, request.prompt, request.negative_prompt, threads, observe)
     gc.collect()
     timings["text_encoder_s"] = time.perf_counter() - t0
 
     sched = _scheduler(folder)
     t0 = time.perf_counter()
-    unet = open_session(folder, "unet", dev, threads)
+    unet = _open(folder, "unet", dev, threads, observe, low_memory)
     timings["unet_load_s"] = time.perf_counter() - t0
     denoiser = Denoiser(guided_model(unet, cond, request.cfg_scale),
                         ldm_alphas_cumprod(sched["beta_start"], sched["beta_end"], sched["num_train_timesteps"]),
@@ -152,12 +181,12 @@ def generate(
     gc.collect()
 
     t0 = time.perf_counter()
-    decoder = open_session(folder, "vae_decoder", dev, threads)
+    decoder = _open(folder, "vae_decoder", dev, threads, observe, low_memory)
     scaling = float(meta.get("scaling_factor", 0.18215))
     all_latents = np.concatenate(latents)
     pictures = []
     for latent in all_latents:  # one at a time: the VAE's activations dominate memory at 512px and above
-        pictures.extend(images.to_images(decoder.run({"latent_sample": latent[None] / scaling})[0]))
+        pictures.extend(images.to_images(_decode(decoder, latent[None] / scaling, tiled=low_memory)))
     del decoder
     timings["vae_decode_s"] = time.perf_counter() - t0
 
@@ -167,6 +196,11 @@ def generate(
         results.append(GeneratedImage(picture, image_seed, images.infotext(request.prompt, request.negative_prompt,
                                                                             settings), latent))
     return GenerateResult(results, dev, {k: round(v, 3) for k, v in timings.items()})
+
+
+def _decode(decoder: Session, z: NDArray, tiled: bool) -> NDArray:
+    run = lambda t: decoder.run({"latent_sample": t})[0]  # noqa: E731
+    return decode_tiled(run, z) if tiled else run(z)
 
 
 def _scheduler(folder: Path) -> dict:

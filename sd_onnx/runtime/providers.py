@@ -88,11 +88,20 @@ def openvino_devices() -> list[str]:
 
 
 def resolve_device(name: str = "auto", available: list[str] | None = None,
-                   ov_devices: list[str] | None = None) -> Device:
-    """Turn a --device value into a Device, or a UsageError naming what to install."""
+                   ov_devices: list[str] | None = None, precision: str = "fp32") -> Device:
+    """Turn a --device value into a Device, or a UsageError naming what to install.
+
+    `precision` is the model folder's: a bf16 variant on a CPU goes to OpenVINO when it is installed, since that
+    is the runtime that computes in bf16 (ONNX Runtime's CPU provider widens the weights back to fp32)."""
     name = (name or "auto").lower()
     available = ort_providers() if available is None else available
     if name == "auto":
+        gpu = [c for c in AUTO_ORDER[:-1] if ORT_DEVICES[c][0] in available]
+        if precision == "bf16" and not gpu:
+            ov = openvino_devices() if ov_devices is None else ov_devices
+            if "CPU" in ov:
+                return Device("openvino", "openvino", openvino_device="CPU",
+                              reason="bf16 variant: OpenVINO computes in bf16 on the CPU")
         for candidate in AUTO_ORDER:
             provider, _ = ORT_DEVICES[candidate]
             if provider in available:

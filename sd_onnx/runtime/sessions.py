@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -20,10 +21,13 @@ class Session(Protocol):
 
 
 class OrtSession:
-    def __init__(self, path: Path, device: Device, threads: int | None = None, full_optimization: bool = True):
+    def __init__(self, path: Path, device: Device, threads: int | None = None, full_optimization: bool = True,
+                 low_memory: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if low_memory:  # no arena: freed activations go back to the system instead of being kept for reuse
+            options.enable_cpu_mem_arena = False
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full_optimization
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         options.intra_op_num_threads = threads or usable_cores()
@@ -40,15 +44,18 @@ class OrtSession:
         self._outputs = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
-        return self._session.run(self._outputs, _cast(feeds, self.input_types))
+        return self._session.run(self._outputs, cast_feeds(feeds, self.input_types))
 
 
 class OpenVinoSession:
-    def __init__(self, path: Path, device: Device, threads: int | None = None, cache_dir: Path | None = None):
+    def __init__(self, path: Path, device: Device, threads: int | None = None, cache_dir: Path | None = None,
+                 precision: str = "f32"):
         import openvino as ov
 
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        # f32 unless the folder is a bf16 variant: OpenVINO's own default on BF16 CPUs is bf16, which would make
+        # an "fp32" run silently lower precision.
+        config = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir is not None:
@@ -62,30 +69,43 @@ class OpenVinoSession:
         self._request = self._compiled.create_infer_request()
 
     def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
-        result = self._request.infer(_cast(feeds, self.input_types))
+        result = self._request.infer(cast_feeds(feeds, self.input_types))
         return [np.array(result[out]) for out in self._compiled.outputs]
 
 
-def open_session(folder: Path, component: str, device: Device, threads: int | None = None) -> Session:
+def open_session(folder: Path, component: str, device: Device, threads: int | None = None,
+                 low_memory: bool = False) -> Session:
     path = folder / component / "model.onnx"
     if not path.is_file():
         raise ModelFolderError(f"{folder} has no {component}/model.onnx")
     if device.backend == "openvino":
         from sd_onnx.home import home
 
-        return OpenVinoSession(path, device, threads, cache_dir=home() / "cache" / "openvino")
+        hint = "bf16" if component_precision(folder, component) == "bf16" else "f32"
+        return OpenVinoSession(path, device, threads, cache_dir=home() / "cache" / "openvino", precision=hint)
     cpu_only = tuple(device.providers) == ("CPUExecutionProvider",)
     # ORT_ENABLE_ALL adds the CPU's NCHWc layout rewrites. Measured at full size: the VAE decoder runs 14% faster
     # with them (15.4 vs 17.8 s), but for the UNet they cost 8.7 s at every start (9.9 vs 1.2 s) for 1-5% per
     # step (runs disagree): even at 20 steps end to end (239.5 vs 239.2 s), a loss for shorter runs.
-    return OrtSession(path, device, threads, full_optimization=not (cpu_only and component == "unet"))
+    return OrtSession(path, device, threads, full_optimization=not (cpu_only and component == "unet"),
+                      low_memory=low_memory)
+
+
+def component_precision(folder: Path, component: str) -> str:
+    from sd_onnx.home import METADATA
+
+    try:
+        meta = json.loads((folder / METADATA).read_text())
+    except (OSError, ValueError):
+        return "fp32"
+    return meta.get("components", {}).get(component, {}).get("precision", "fp32")
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
              "tensor(int64)": np.int64, "tensor(double)": np.float64}
 
 
-def _cast(feeds: dict[str, NDArray], types: dict[str, str]) -> dict[str, NDArray]:
+def cast_feeds(feeds: dict[str, NDArray], types: dict[str, str]) -> dict[str, NDArray]:
     return {k: np.ascontiguousarray(v, dtype=_NP_TYPES.get(types.get(k, ""), v.dtype)) for k, v in feeds.items()}
 
 

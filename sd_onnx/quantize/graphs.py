@@ -1,0 +1,76 @@
+"""Working copies of a component graph: typed (symbolic shape inference) and next to its weights."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+
+def external_location(proto) -> str | None:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            return ExternalDataInfo(tensor).location
+    return None
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantization tools log advice through the root logger; keep the console to our lines."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def working_dir(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """A real copy: ONNX refuses external data files with several hard links (a hardlink-attack guard)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+@contextlib.contextmanager
+def typed_graph(src: Path, workdir: Path, name: str = "model.typed.onnx") -> Iterator[Path]:
+    """A copy of src's graph in workdir, every tensor typed by ONNX Runtime's symbolic shape inference (which knows
+    the com.microsoft fused ops that ONNX's own inference skips), a copy of its external weights beside it."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    proto = onnx.load(str(src), load_external_data=False)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    with working_dir(src.parent):  # inference reads small constants from the external data
+        typed = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    location = external_location(typed)
+    path = workdir / name
+    linked = workdir / location if location else None
+    if linked is not None and not linked.exists():
+        copy_file(src.parent / location, linked)
+    else:
+        linked = None
+    onnx.save(typed, str(path))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        if linked is not None:
+            linked.unlink(missing_ok=True)

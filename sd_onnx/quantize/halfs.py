@@ -1,0 +1,159 @@
+"""16-bit variants: fp16 for GPU providers (ops that overflow stay fp32) and bf16-stored weights for CPUs with BF16.
+
+fp16 converts the whole graph with ONNX Runtime's float16 converter, inputs and outputs kept fp32. Which nodes stay
+fp32 is measured, not guessed: the fp32 graph runs on the recorded inputs and every node whose output comes within
+FP16_HEADROOM of fp16's largest value (65504) is blocked (the classic case is the VAE decoder's up-blocks).
+
+bf16 stores every float weight as bfloat16 (half the size) behind a Cast to fp32; compute precision is the
+runtime's choice: OpenVINO with INFERENCE_PRECISION_HINT=bf16 keeps the weights bf16 and runs AVX512-BF16/AMX
+kernels. bf16 has fp32's exponent range, so nothing overflows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sd_onnx.quantize.graphs import external_location, quiet_root_logger, typed_graph, working_dir
+
+FP16_MAX = 65504.0
+FP16_HEADROOM = 4.0  # block a node whose measured |output| exceeds 65504 / 4 on the recorded inputs
+
+
+def activation_peaks(src: Path, workdir: Path, feeds: list[dict]) -> dict[str, float]:
+    """Largest |value| of every float tensor of the graph over the feeds (ONNX Runtime's MinMax calibrator)."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with typed_graph(src, workdir) as typed, quiet_root_logger():
+        import onnx
+
+        external = external_location(onnx.load(str(typed), load_external_data=False)) is not None
+        calibrator = create_calibrator(str(typed), None, augmented_model_path=str(workdir / "peaks.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
+                                       providers=["CPUExecutionProvider"])
+        try:
+            calibrator.collect_data(Reader())
+            ranges = calibrator.compute_data()
+        finally:
+            del calibrator
+            for leftover in workdir.glob("peaks.onnx*"):
+                leftover.unlink()
+    return {name: float(max(abs(float(np.min(r.range_value[0]))), abs(float(np.max(r.range_value[1])))))
+            for name, r in ranges.data.items()}
+
+
+def convert_fp16(src: Path, dst: Path, feeds: list[dict]) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    peaks = activation_peaks(src, dst.parent, feeds)
+    limit = FP16_MAX / FP16_HEADROOM
+    external = external_location(onnx.load(str(src), load_external_data=False)) is not None
+    with typed_graph(src, dst.parent) as typed:  # the converter places its Casts by the tensors' types
+        proto = onnx.load(str(typed))
+    big = {name for name, peak in peaks.items() if peak > limit}
+    # A tensor too big for fp16 must never be one: its producer and its consumers both stay fp32.
+    blocked = sorted({n.name for n in proto.graph.node if big.intersection(n.output) or big.intersection(n.input)})
+    half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True,
+                                    op_block_list=DEFAULT_OP_BLOCK_LIST, node_block_list=blocked)
+    del proto
+    dropped = _drop_cast_round_trips(half)
+    _save(half, dst, external=external)
+    return {"method": "onnxruntime.transformers.float16, fp32 inputs/outputs",
+            "cast_round_trips_removed": dropped,
+            "fp32_nodes": blocked, "fp32_rule": f"touches a tensor measured above |{limit:g}| on the recorded inputs",
+            "largest_activation": max(peaks.values(), default=0.0)}
+
+
+def _drop_cast_round_trips(proto) -> int:
+    """The converter puts fp32 -> fp16 -> fp32 Casts between two fp32 nodes, which would overflow exactly the
+    tensors that were kept fp32. Let the second node read the fp32 tensor directly."""
+    from onnx import TensorProto
+
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_outputs = {o.name for o in graph.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    rename, removed = {}, set()
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.input else None
+        if (cast_to(node) == TensorProto.FLOAT and first is not None and cast_to(first) == TensorProto.FLOAT16
+                and types.get(first.input[0]) == TensorProto.FLOAT and node.output[0] not in graph_outputs):
+            rename[node.output[0]] = first.input[0]
+            removed.add(id(node))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {i for n in graph.node if id(n) not in removed for i in n.input} | graph_outputs
+    for node in graph.node:  # the fp16 Casts whose only readers were the removed ones
+        if cast_to(node) == TensorProto.FLOAT16 and node.output[0] not in used:
+            removed.add(id(node))
+    kept = [n for n in graph.node if id(n) not in removed]
+    count = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return count
+
+
+def convert_bf16_weights(src: Path, dst: Path) -> dict:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    with working_dir(src.parent):
+        proto = onnx.load(src.name)
+    graph = proto.graph
+    casts, converted = [], 0
+    for tensor in graph.initializer:
+        if tensor.data_type != TensorProto.FLOAT or int(np.prod(tensor.dims)) < 16:
+            continue
+        values = numpy_helper.to_array(tensor)
+        name = tensor.name
+        tensor.CopyFrom(_bf16_tensor(values, name + "_bf16"))
+        casts.append(helper.make_node("Cast", [name + "_bf16"], [name], name=name + "_to_fp32", to=TensorProto.FLOAT))
+        converted += 1
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _save(proto, dst, external=external_location(onnx.load(str(src), load_external_data=False)) is not None)
+    return {"method": "weights stored as bfloat16 (round to nearest even) behind Cast to fp32",
+            "bf16_tensors": converted}
+
+
+def _bf16_tensor(values: np.ndarray, name: str):
+    from onnx import TensorProto
+
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    tensor = TensorProto(name=name, data_type=TensorProto.BFLOAT16, dims=list(values.shape))
+    tensor.raw_data = rounded.tobytes()
+    return tensor
+
+
+def bf16_to_float(raw: bytes, shape) -> np.ndarray:
+    """Decode a BFLOAT16 tensor's raw bytes (for checks and tests)."""
+    return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+
+
+def _save(proto, dst: Path, external: bool) -> None:
+    import onnx
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + "_data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(dst))

@@ -1,0 +1,152 @@
+"""`sd-onnx quantize`: build a precision variant of an fp32 model folder, measure it, and write it atomically."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sd_onnx import __version__
+from sd_onnx.errors import UsageError
+from sd_onnx.home import METADATA, check_folder, find_model
+from sd_onnx.quantize.graphs import copy_file
+from sd_onnx.runtime.variants import base_folder, has_bf16, precision_of, variant_path
+from sd_onnx.staging import dump_json, staged_folder
+
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+# What each precision converts unless --components says otherwise. int8 touches only the UNet: it is 86% of the
+# weights and all of the sampling time, while an int8 VAE decoder shows up directly as pixel noise.
+DEFAULT_COMPONENTS = {"int8": ("unet",), "bf16": COMPONENTS, "fp16": COMPONENTS}
+MODEL_FILES = ("model.onnx", "model.onnx_data", "model.onnx.data")
+
+
+@dataclass
+class QuantizeOptions:
+    precision: str
+    components: tuple[str, ...] | None = None
+    prompts_file: Path | None = None
+    calibration_prompts: int = 2
+    calibration_steps: int = 8
+    calibration_size: int | None = None  # default: half the model's native size (activation ranges barely move)
+    fidelity_prompts: int = 2
+    fidelity_steps: int = 10
+    fidelity_size: int | None = None
+    force: bool = False
+    any_cpu: bool = False  # build a bf16 variant on a CPU that cannot run it fast (for another machine)
+    threads: int | None = None
+
+
+@dataclass
+class QuantizeResult:
+    folder: Path
+    precision: str
+    components: tuple[str, ...]
+    fidelity: dict
+    seconds: float
+
+
+def quantize_model(model: str | Path | None, options: QuantizeOptions, output: Path | None = None,
+                   log: Callable[[str], None] = lambda msg: None) -> QuantizeResult:
+    from sd_onnx.quantize.calibration import read_prompts, record
+    from sd_onnx.quantize.fidelity import compare
+    from sd_onnx.runtime.providers import cpu_info
+
+    start = time.perf_counter()
+    precision = options.precision
+    if precision not in DEFAULT_COMPONENTS:
+        raise UsageError(f"unknown precision '{precision}'; choose --int8, --bf16 or --fp16")
+    base = find_model(model)
+    meta = check_folder(base)
+    if precision_of(meta) != "fp32":
+        raise UsageError(f"{base} is already a {precision_of(meta)} variant; quantize its fp32 original "
+                         f"({base_folder(base, meta)}) instead")
+    components = _components(options.components, precision, meta)
+    if precision == "bf16" and not options.any_cpu and not has_bf16(cpu_info()["flags"]):
+        raise UsageError("this CPU has no AVX512-BF16 or AMX, so a bf16 variant would run slower than fp32 here; "
+                         "make it on the machine that will run it, or pass --any-cpu to build it anyway")
+    _check_torch_free_tools()
+    output = Path(output) if output is not None else variant_path(base, precision)
+    size = meta.get("default_size", 512)
+    calib_size = options.calibration_size or max(64, size // 2 // 8 * 8)
+    fid_size = options.fidelity_size or calib_size
+    prompts = read_prompts(options.prompts_file, options.calibration_prompts)
+
+    with staged_folder(output, options.force) as tmp:
+        _copy_unchanged(base, tmp, components)
+        recording = None
+        if precision in ("int8", "fp16"):
+            log(f"recording calibration inputs: {len(prompts)} prompt(s), {options.calibration_steps} steps, "
+                f"{calib_size}px")
+            recording = record(base, prompts, options.calibration_steps, calib_size, device="cpu",
+                               threads=options.threads)
+        details = {}
+        for component in components:
+            t0 = time.perf_counter()
+            log(f"{precision}: {component}")
+            details[component] = _convert(precision, base / component / "model.onnx", tmp / component / "model.onnx",
+                                          recording.for_component(component) if recording else [])
+            details[component]["seconds"] = round(time.perf_counter() - t0, 1)
+        new_meta = dict(meta)
+        new_meta.update(precision=precision, variant_of={"folder": base.name, "precision": "fp32"})
+        new_meta["components"] = {name: dict(info, precision=precision if name in components else info["precision"])
+                                  for name, info in meta["components"].items()}
+        new_meta["quantization"] = {"sd_onnx": __version__, "components": details,
+                                    "calibration": {"prompts": prompts, "steps": options.calibration_steps,
+                                                    "size": calib_size} if recording else None}
+        dump_json(tmp / METADATA, new_meta)
+        log(f"measuring fidelity against fp32 ({options.fidelity_prompts} prompt(s), {options.fidelity_steps} steps)")
+        fidelity_prompts = read_prompts(None, options.fidelity_prompts) if options.prompts_file is None else prompts
+        fidelity = compare(base, tmp, precision, fidelity_prompts[:options.fidelity_prompts], options.fidelity_steps,
+                           fid_size, threads=options.threads, log=log)
+        new_meta["fidelity"] = fidelity
+        dump_json(tmp / METADATA, new_meta)
+    return QuantizeResult(output, precision, components, fidelity, round(time.perf_counter() - start, 1))
+
+
+def _components(requested: tuple[str, ...] | None, precision: str, meta: dict) -> tuple[str, ...]:
+    if not requested:
+        return DEFAULT_COMPONENTS[precision]
+    available = tuple(meta.get("components", {})) or COMPONENTS
+    unknown = [c for c in requested if c not in available]
+    if unknown:
+        raise UsageError(f"unknown component '{unknown[0]}'; valid: {', '.join(available)}")
+    return tuple(dict.fromkeys(requested))
+
+
+def _check_torch_free_tools() -> None:
+    import importlib
+
+    try:
+        for module in ("onnx", "onnxruntime.quantization"):
+            importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(f"quantize needs the onnx package ({e.name} is missing): pip install 'sd-onnx[quantize]'") from None
+
+
+def _copy_unchanged(base: Path, tmp: Path, components: tuple[str, ...]) -> None:
+    """Copy every file of the fp32 folder except the model files of the converted components, so the variant is
+    a complete folder of its own (diffusers/optimum can load it too)."""
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if path.is_dir() or rel.name == METADATA and len(rel.parts) == 1:
+            continue
+        if len(rel.parts) == 2 and rel.parts[0] in components and rel.name in MODEL_FILES:
+            continue
+        copy_file(path, tmp / rel)
+
+
+def _convert(precision: str, src: Path, dst: Path, feeds: list[dict]) -> dict:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "int8":
+        from sd_onnx.quantize.int8 import quantize_int8
+
+        return quantize_int8(src, dst, feeds)
+    if precision == "fp16":
+        from sd_onnx.quantize.halfs import convert_fp16
+
+        return convert_fp16(src, dst, feeds)
+    from sd_onnx.quantize.halfs import convert_bf16_weights
+
+    return convert_bf16_weights(src, dst)
+

@@ -1,0 +1,249 @@
+"""`sd-onnx quantize` on tiny models: valid variant folders that generate runs, integer kernels really present,
+16-bit storage really 16-bit, a stored fidelity report, and bad input refused without leftovers."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sd_onnx.cli import main
+from sd_onnx.quantize.variant import QuantizeOptions, quantize_model
+
+FAST = dict(calibration_prompts=1, calibration_steps=3, calibration_size=64, fidelity_prompts=1, fidelity_steps=3,
+            fidelity_size=64)
+
+
+def _quantize(folder: Path, precision: str, output: Path | None = None, **kw) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_model(folder, QuantizeOptions(precision, **{**FAST, **kw}), output).folder
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model, tmp_path_factory) -> Path:
+    """A private copy of the tiny sd1 folder, so its variants land beside it and nowhere else."""
+    root = tmp_path_factory.mktemp("quantize")
+    return Path(shutil.copytree(tiny_model("sd1"), root / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def int8(base) -> Path:
+    return _quantize(base, "int8")
+
+
+@pytest.fixture(scope="module")
+def bf16(base) -> Path:
+    return _quantize(base, "bf16", any_cpu=True)
+
+
+@pytest.fixture(scope="module")
+def fp16(base) -> Path:
+    return _quantize(base, "fp16")
+
+
+def _meta(folder: Path) -> dict:
+    return json.loads((folder / "sd_onnx.json").read_text())
+
+
+def _initializer_types(path: Path) -> dict[int, int]:
+    import onnx
+
+    counts: dict[int, int] = {}
+    for t in onnx.load(str(path), load_external_data=False).graph.initializer:
+        counts[t.data_type] = counts.get(t.data_type, 0) + 1
+    return counts
+
+
+def test_int8_variant_is_a_sibling_with_metadata_and_fidelity(base, int8):
+    from sd_onnx.home import check_folder
+
+    assert int8 == base.with_name("tiny-int8")
+    meta = check_folder(int8)
+    assert meta["precision"] == "int8" and meta["variant_of"] == {"folder": "tiny", "precision": "fp32"}
+    assert meta["components"]["unet"]["precision"] == "int8"
+    assert meta["components"]["vae_decoder"]["precision"] == "fp32"
+    fid = meta["fidelity"]
+    for key in ("psnr_db_mean", "ssim_mean", "latent_cosine_min", "unet_speedup"):
+        assert math.isfinite(fid[key]), key
+    assert 0 < fid["ssim_min"] <= 1 and -1 <= fid["latent_cosine_min"] <= 1
+    assert fid["size_mb"]["unet"]["int8"] < fid["size_mb"]["unet"]["fp32"]
+    assert meta["quantization"]["calibration"]["steps"] == FAST["calibration_steps"]
+    # untouched components are byte-identical copies
+    assert (int8 / "vae_decoder" / "model.onnx").read_bytes() == (base / "vae_decoder" / "model.onnx").read_bytes()
+    assert not list(base.parent.glob(".*partial*"))
+
+
+def test_int8_unet_runs_integer_kernels(int8, tmp_path):
+    """The stored graph is QDQ with int8 weights; ONNX Runtime's optimized graph runs QLinear* integer ops."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    path = int8 / "unet" / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert _initializer_types(path).get(TensorProto.INT8, 0) > 10
+    # the sensitive first/last convolutions stay float: no DequantizeLinear feeds them
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Conv" and ("/conv_in/" in node.name or "/conv_out/" in node.name):
+            assert producers[node.input[1]].op_type != "DequantizeLinear" if node.input[1] in producers else True
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node}
+    assert {"QLinearConv", "QLinearMatMul"} <= optimized, optimized
+
+
+def test_int8_output_stays_close_to_fp32(int8):
+    """A regression guard on random tiny weights (64px, 3 DPM++ 2M Karras steps), a harsh case for int8.
+
+    Measured: int8 vs fp32 PSNR 19.8 dB, SSIM 0.73, final-latent cosine 0.86; two fp32 images of different seeds:
+    13.3 dB, SSIM 0.08, cosine 0.13. A broken quantization (wrong scales, saturated kernels) lands near the latter."""
+    fid = _meta(int8)["fidelity"]
+    assert fid["psnr_db_min"] > 16
+    assert fid["ssim_min"] > 0.5
+    assert fid["latent_cosine_min"] > 0.7
+
+
+@pytest.mark.parametrize("precision,devices", [("int8", ["cpu", "openvino"]), ("bf16", ["cpu", "openvino"])])
+def test_variants_generate_on_both_backends(request, precision, devices, tmp_path):
+    folder = request.getfixturevalue(precision)
+    for device in devices:
+        out = tmp_path / device
+        rc = main(["generate", "a red fox", "--model", str(folder), "--steps", "2", "--width", "64", "--height",
+                   "64", "--seed", "3", "--device", device, "-o", str(out), "-q"])
+        assert rc == 0 and len(list(out.glob("*.png"))) == 1
+
+
+def test_bf16_stores_bfloat16_weights_and_asks_openvino_for_bf16(base, bf16):
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from sd_onnx.quantize.halfs import bf16_to_float
+    from sd_onnx.runtime.providers import resolve_device
+    from sd_onnx.runtime.sessions import open_session
+
+    src = onnx.load(str(base / "vae_decoder" / "model.onnx"))
+    dst = onnx.load(str(bf16 / "vae_decoder" / "model.onnx"))
+    originals = {t.name: numpy_helper.to_array(t) for t in src.graph.initializer if t.data_type == TensorProto.FLOAT}
+    halves = [t for t in dst.graph.initializer if t.data_type == TensorProto.BFLOAT16]
+    assert len(halves) > 10
+    for t in halves:
+        original = originals[t.name[:-len("_bf16")]]
+        decoded = bf16_to_float(t.raw_data, tuple(t.dims))
+        np.testing.assert_allclose(decoded, original, rtol=2**-8, atol=1e-30)  # bf16 keeps 8 significant bits
+    session = open_session(bf16, "unet", resolve_device("openvino"))
+    assert session._compiled.get_property("INFERENCE_PRECISION_HINT") is not None
+    meta = _meta(bf16)
+    assert all(c["precision"] == "bf16" for c in meta["components"].values())
+    assert meta["fidelity"]["psnr_db_min"] > 30  # weight rounding only
+
+
+def test_fp16_stores_half_weights_and_keeps_float_io(fp16):
+    import onnx
+    from onnx import TensorProto
+
+    for component in ("text_encoder", "unet", "vae_decoder"):
+        model = onnx.load(str(fp16 / component / "model.onnx"), load_external_data=False)
+        types = _initializer_types(fp16 / component / "model.onnx")
+        assert types.get(TensorProto.FLOAT16, 0) > types.get(TensorProto.FLOAT, 0), component
+        assert all(i.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64)
+                   for i in model.graph.input)
+    assert _meta(fp16)["fidelity"]["psnr_db_min"] > 25
+
+
+def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
+    """A node whose output exceeds fp16's range is measured and kept fp32, so the result stays finite."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sd_onnx.quantize.halfs import convert_fp16
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "big"], ["y"], name="scale_up"),
+         helper.make_node("ReduceMean", ["y"], ["m"], name="mean", keepdims=1),
+         helper.make_node("Div", ["y", "m"], ["z"], name="normalise"),
+         helper.make_node("Add", ["z", "one"], ["out"], name="shift")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(np.full((1, 8), 3e4, np.float32), "big"),
+         numpy_helper.from_array(np.ones((1, 8), np.float32), "one")])
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    x = np.linspace(1, 4, 8, dtype=np.float32)[None]
+    info = convert_fp16(src, tmp_path / "dst" / "model.onnx", [{"x": x}])
+    assert {"scale_up", "mean", "normalise"} <= set(info["fp32_nodes"]) and "shift" not in info["fp32_nodes"]
+    out = ort.InferenceSession(str(tmp_path / "dst" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    expected = x * 3e4 / np.mean(x * 3e4) + 1
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected, rtol=2e-3)
+
+
+def test_generate_precision_choice(base, int8, bf16, fp16, tmp_path):
+    from sd_onnx.errors import ModelFolderError
+    from sd_onnx.runtime.variants import choose_variant
+
+    assert choose_variant(base, "auto", "auto", [])[0] == int8  # a CPU without BF16: int8 when it exists
+    assert choose_variant(base, "auto", "cpu", ["AVX512-BF16"])[0] == bf16
+    assert choose_variant(base, "auto", "cuda", [])[0] == fp16
+    assert choose_variant(base, "fp32", "auto", [])[0] == base
+    assert choose_variant(int8, "fp32", "cpu", [])[0] == base  # back from a variant to its original
+    assert choose_variant(int8, "auto", "cuda", [])[0] == int8  # a variant named explicitly is used as given
+    lonely = Path(shutil.copytree(base, tmp_path / "lonely"))
+    assert choose_variant(lonely, "auto", "cpu", [])[0] == lonely
+    with pytest.raises(ModelFolderError, match="sd-onnx quantize .*lonely --int8"):
+        choose_variant(lonely, "int8", "cpu", [])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sd-onnx: error:"), err
+    return err[0]
+
+
+def test_bad_input_is_one_line_and_leaves_nothing(base, int8, tmp_path, capsys, monkeypatch):
+    import sd_onnx.runtime.providers as providers
+
+    assert main(["quantize", str(tmp_path / "missing"), "--int8"]) == 2
+    assert "not found" in _error_line(capsys)
+    assert main(["quantize", str(int8), "--int8"]) == 2
+    assert "already a int8 variant" in _error_line(capsys)
+    assert main(["quantize", str(base), "--int8", "--components", "unet,vae"]) == 2
+    assert "unknown component 'vae'" in _error_line(capsys)
+    monkeypatch.setattr(providers, "cpu_info", lambda: {"flags": ["SSE4.2", "AVX", "AVX2"]})
+    out = tmp_path / "bf16-here"
+    assert main(["quantize", str(base), "--bf16", "-o", str(out)]) == 2
+    assert "no AVX512-BF16" in _error_line(capsys)
+    assert main(["quantize", str(base), "--int8", "-o", str(int8)]) == 2
+    assert "already exists" in _error_line(capsys)
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_failure_midway_removes_the_partial_folder(base, tmp_path, capsys):
+    broken = Path(shutil.copytree(base, tmp_path / "broken"))
+    (broken / "unet" / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(Exception):
+        _quantize(broken, "int8", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_auto_device_sends_bf16_variants_to_openvino():
+    from sd_onnx.runtime.providers import resolve_device
+
+    cpu = ["CPUExecutionProvider"]
+    assert resolve_device("auto", cpu, ["CPU"], precision="bf16").backend == "openvino"
+    assert resolve_device("auto", cpu, [], precision="bf16").name == "cpu"  # no OpenVINO: ORT widens to fp32
+    assert resolve_device("auto", ["CUDAExecutionProvider", *cpu], ["CPU"], precision="bf16").name == "cuda"
+    assert resolve_device("auto", cpu, ["CPU"], precision="int8").name == "cpu"  # ORT's int8 kernels measured faster
