@@ -22,10 +22,19 @@ def models_dir() -> Path:
 
 
 def installed_models() -> list[Path]:
+    """Model folders under models_dir(); precision variants (made by `sd-onnx quantize`) go with their original."""
     root = models_dir()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "model_index.json").is_file())
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and (p / "model_index.json").is_file() and not _is_variant(p))
+
+
+def _is_variant(path: Path) -> bool:
+    try:
+        return "variant_of" in json.loads((path / METADATA).read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def find_model(model: str | Path | None) -> Path:

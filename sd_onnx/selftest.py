@@ -34,7 +34,12 @@ def run_selftest(log: Callable[[str], None] = print, workdir: Path | None = None
         folder = _tiny_model(root, log)
         if folder is None:
             return False
-        return _generate_everywhere(folder, root, log)
+        ok = _generate_everywhere(folder, root, log)
+        _try_int8(folder, root, log)
+        log("self-test passed: export and generate work on this machine" if ok
+            else "self-test FAILED on the CPU provider")
+        log("next: sd-onnx export your-model.ckpt && sd-onnx generate \"a prompt\"")
+        return ok
 
 
 def _tiny_model(root: Path, log: Callable[[str], None]) -> Path | None:
@@ -77,6 +82,23 @@ def _generate_everywhere(folder: Path, root: Path, log: Callable[[str], None]) -
         diff = int(np.abs(pixels - reference).max())
         log(f"{name:<16}{'OK':<8}{seconds:>8.2f}s  {diff}")
         ok = ok or name == "cpu"
-    log("self-test passed: export and generate work on this machine" if ok else "self-test FAILED on the CPU provider")
-    log("next: sd-onnx export your-model.ckpt && sd-onnx generate \"a prompt\"")
     return ok
+
+
+def _try_int8(folder: Path, root: Path, log: Callable[[str], None]) -> None:
+    """Whether int8 quantization and its integer kernels work here (an optional extra; never fails the test)."""
+    try:
+        from sd_onnx.quantize.variant import QuantizeOptions, quantize_model
+
+        t0 = time.perf_counter()
+        options = QuantizeOptions("int8", calibration_prompts=1, calibration_steps=3, calibration_size=64,
+                                  fidelity_prompts=1, fidelity_steps=3, fidelity_size=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fid = quantize_model(folder, options, root / "tiny-sd1-int8").fidelity
+        log(f"quantize --int8: OK in {time.perf_counter() - t0:.1f} s; tiny UNet {fid['size_mb']['unet']['fp32']} -> "
+            f"{fid['size_mb']['unet']['int8']} MB, image SSIM vs fp32 {fid['ssim_min']} (random weights)")
+    except ImportError as e:
+        log(f"quantize --int8: unavailable ({e.name} missing; pip install 'sd-onnx[quantize]')")
+    except SdOnnxError as e:
+        log(f"quantize --int8: FAIL ({e})")

@@ -247,3 +247,15 @@ def test_auto_device_sends_bf16_variants_to_openvino():
     assert resolve_device("auto", cpu, [], precision="bf16").name == "cpu"  # no OpenVINO: ORT widens to fp32
     assert resolve_device("auto", ["CUDAExecutionProvider", *cpu], ["CPU"], precision="bf16").name == "cuda"
     assert resolve_device("auto", cpu, ["CPU"], precision="int8").name == "cpu"  # ORT's int8 kernels measured faster
+
+
+def test_the_only_installed_model_stays_the_default_after_quantizing(base, int8, tmp_path, monkeypatch):
+    """A variant beside its original is not a second model: `generate` without --model still finds one."""
+    from sd_onnx.home import find_model, installed_models
+
+    monkeypatch.setenv("SD_ONNX_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    for folder in (base, int8):
+        (tmp_path / "models" / folder.name).symlink_to(folder)
+    assert installed_models() == [tmp_path / "models" / base.name]
+    assert find_model(None).name == base.name
