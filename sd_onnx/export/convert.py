@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from sd_onnx.errors import CheckpointError
 from sd_onnx.export.checkpoint import Checkpoint
 from sd_onnx.families import Family, detect_family, get_family
+from sd_onnx.onnx_files import quiet_logger
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -147,18 +147,6 @@ def _short(e: BaseException) -> str:
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     text = text.replace("\n", " ").replace("\t", " ")
     return " ".join(text.split())[:300]
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    """Raise a library's logger to ERROR for the duration (diffusers and ORT chat about deprecations)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _build_unet_vae(config: dict, sd: dict, image_size: int):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
-from sd_onnx.export.convert import quiet_logger
+from sd_onnx.onnx_files import external_location, quiet_logger, working_dir
 
 # Fusions whose fused ops exist only as CUDA kernels; enabling them would make the model unloadable on the CPU.
 CUDA_ONLY_FUSIONS = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
@@ -34,9 +33,11 @@ def optimize_unet(model_path: Path) -> dict[str, int]:
             setattr(options, name, False)
     folder = model_path.parent
     proto = onnx.load(str(model_path), load_external_data=False)
-    external = _external_location(proto, model_path)
+    external = external_location(proto)
+    if external is None:
+        raise ValueError(f"{model_path}: expected its weights in an external data file")
     with _numpy2_num_heads(), _self_attention_as_mha(), quiet_logger("onnxruntime.transformers"), \
-            contextlib.redirect_stderr(io.StringIO()), _working_dir(folder):
+            contextlib.redirect_stderr(io.StringIO()), working_dir(folder):
         model = ort_optimizer.optimize_model(proto, model_type="unet", opt_level=0,
                                              optimization_options=options, use_gpu=False)
         stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
@@ -92,25 +93,6 @@ def _compact(proto, data_path: Path, location: str, block: int = 64 << 20) -> No
             if entry.key == "offset":
                 entry.value = str(offset)
     tmp.replace(data_path)
-
-
-def _external_location(proto, model_path: Path) -> str:
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    for tensor in proto.graph.initializer:
-        if uses_external_data(tensor):
-            return ExternalDataInfo(tensor).location
-    raise ValueError(f"{model_path}: expected its weights in an external data file")
-
-
-@contextlib.contextmanager
-def _working_dir(path: Path):
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 @contextlib.contextmanager

@@ -3,43 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
-
-def external_location(proto) -> str | None:
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    for tensor in proto.graph.initializer:
-        if uses_external_data(tensor):
-            return ExternalDataInfo(tensor).location
-    return None
-
-
-@contextlib.contextmanager
-def quiet_root_logger() -> Iterator[None]:
-    """ONNX Runtime's quantization tools log advice through the root logger; keep the console to our lines."""
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-@contextlib.contextmanager
-def working_dir(path: Path) -> Iterator[None]:
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
+from sd_onnx.onnx_files import external_location, working_dir
 
 
 def copy_file(src: Path, dst: Path) -> None:

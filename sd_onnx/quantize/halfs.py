@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sd_onnx.quantize.graphs import external_location, quiet_root_logger, typed_graph, working_dir
+from sd_onnx.onnx_files import external_location, quiet_logger, working_dir
+from sd_onnx.quantize.graphs import typed_graph
 
 FP16_MAX = 65504.0
 FP16_HEADROOM = 4.0  # block a node whose measured |output| exceeds 65504 / 4 on the recorded inputs
@@ -31,7 +32,7 @@ def activation_peaks(src: Path, workdir: Path, feeds: list[dict]) -> dict[str, f
         def get_next(self):
             return next(self._it, None)
 
-    with typed_graph(src, workdir) as typed, quiet_root_logger():
+    with typed_graph(src, workdir) as typed, quiet_logger():
         import onnx
 
         external = external_location(onnx.load(str(typed), load_external_data=False)) is not None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sd_onnx.quantize.graphs import external_location, quiet_root_logger, typed_graph
+from sd_onnx.onnx_files import external_location, quiet_logger
+from sd_onnx.quantize.graphs import typed_graph
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 # Kept in float: the first and last convolutions (image in/out, 4 channels: little to gain, most to lose) and the
@@ -36,7 +37,7 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict]) -> dict:
 
     if not feeds:
         raise ValueError("int8 calibration needs at least one recorded input")
-    with typed_graph(src, dst.parent) as typed, quiet_root_logger():
+    with typed_graph(src, dst.parent) as typed, quiet_logger():
         proto = onnx.load(str(typed), load_external_data=False)
         candidates = [n.name for n in proto.graph.node if n.op_type in QUANTIZED_OPS]
         kept = [name for name in candidates if any(part in name for part in KEEP_FLOAT)]
