@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -259,3 +260,22 @@ def test_the_only_installed_model_stays_the_default_after_quantizing(base, int8,
         (tmp_path / "models" / folder.name).symlink_to(folder)
     assert installed_models() == [tmp_path / "models" / base.name]
     assert find_model(None).name == base.name
+
+
+def test_quantize_runs_without_torch(base, tmp_path):
+    """quantize needs onnx and onnxruntime only: a subprocess where torch, diffusers and transformers are
+    unimportable (None in sys.modules, which is also what makes importlib's find_spec report them missing)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "
+        "from sd_onnx.cli import main; "
+        f"rc = main(['quantize', {str(base)!r}, '--int8', '-o', {str(tmp_path / 'int8')!r}, '--calibration-steps', "
+        "'2', '--calibration-size', '64', '--fidelity-steps', '2', '-q']); "
+        "assert not any(sys.modules.get(m) for m in ('torch', 'diffusers', 'transformers')); sys.exit(rc)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "int8" / "unet" / "model.onnx").is_file()
