@@ -1,8 +1,13 @@
-"""One UNet step at 512x512 with guidance (batch 2, 64x64 latent, 77 tokens): ours against the peers, one run.
+"""One UNet step at 512x512 with guidance (batch 2, 64x64 latent, 77 tokens): ours and our variants against the
+peers, measured in one run.
 
-Each configuration runs in its own process (clean peak RSS, no shared caches), one after another, with the
-same inputs; the table gives median and min seconds, the ratio to the fastest peer and GFLOP/s.
-    python benchmarks/unet_step.py --checkpoint /tmp/bench/sd15-random.safetensors --model /tmp/bench/sd15
+Each configuration runs in its own process (clean peak RSS, no shared caches). Rounds interleave them (round 1
+runs every configuration, then round 2 ...), so a slow minute on a shared machine touches all of them; the table
+gives the median and min over all timed steps, the ratio to the fastest peer, GFLOP/s and the fraction of this
+CPU's matmul peak, which is measured in the same run (fp32 for float paths, u8s8 for int8).
+    python benchmarks/unet_step.py --checkpoint /tmp/bench/sd15-random.safetensors --model /tmp/bench/sd15 \\
+        --plain-model /tmp/bench/sd15-plain
+Variants are looked up beside --model as <model>-int8 and <model>-bf16 (sd-onnx quantize writes them there).
 """
 
 from __future__ import annotations
@@ -20,12 +25,17 @@ import numpy as np
 
 STEP_TFLOP = 1.354  # SD 1.5 UNet, batch 2, 64x64 latent, 77 tokens (shared/MEASUREMENTS.md)
 CONFIGS = {
-    # name: (is ours, description)
-    "torch-fp32": (False, "PyTorch eager fp32 (diffusers UNet2DConditionModel)"),
-    "torch-bf16": (False, "PyTorch eager bf16 autocast"),
-    "openvino-bf16-hint": (False, "OpenVINO on our ONNX, bf16 inference precision hint"),
-    "ours-ort-cpu": (True, "sd-onnx: ONNX Runtime CPU, fp32 (what --device cpu runs)"),
-    "ours-openvino": (True, "sd-onnx: OpenVINO CPU, fp32 (what --device openvino runs)"),
+    # name: (is ours, description, precision of its arithmetic for the peak comparison)
+    "torch-fp32": (False, "PyTorch eager fp32 (diffusers UNet2DConditionModel)", "fp32"),
+    "torch-bf16": (False, "PyTorch eager bf16 autocast", "bf16"),
+    "ort-plain": (False, "ONNX Runtime CPU, plain torch.onnx export (no fusions), defaults", "fp32"),
+    "openvino-fp32": (False, "OpenVINO CPU on the plain export, f32 hint", "fp32"),
+    "openvino-bf16-hint": (False, "OpenVINO CPU on the plain export, bf16 inference precision hint", "bf16"),
+    "ours-ort-cpu": (True, "sd-onnx fp32: ONNX Runtime CPU (what --device cpu runs)", "fp32"),
+    "ours-openvino": (True, "sd-onnx fp32: OpenVINO CPU (what --device openvino runs)", "fp32"),
+    "ours-int8-ort": (True, "sd-onnx int8 variant: ONNX Runtime CPU (what auto picks)", "int8"),
+    "ours-int8-openvino": (True, "sd-onnx int8 variant: OpenVINO CPU", "int8"),
+    "ours-bf16-openvino": (True, "sd-onnx bf16 variant: OpenVINO CPU, bf16 hint (what auto picks)", "bf16"),
 }
 
 
@@ -35,7 +45,22 @@ def inputs(seed: int = 0):
             rng.standard_normal((2, 77, 768), dtype=np.float32))
 
 
-def make_runner(name: str, checkpoint: Path, model: Path):
+def folders(args) -> dict[str, Path | None]:
+    model = args.model
+    return {"fp32": model, "plain": args.plain_model, "int8": model.with_name(model.name + "-int8"),
+            "bf16": model.with_name(model.name + "-bf16")}
+
+
+def needs(name: str) -> str:
+    if name.startswith(("ort-plain", "openvino-")):
+        return "plain"
+    for precision in ("int8", "bf16"):
+        if name.startswith(f"ours-{precision}"):
+            return precision
+    return "fp32"
+
+
+def make_runner(name: str, checkpoint: Path, folder: Path):
     sample, t, ctx = inputs()
     if name.startswith("torch"):
         import torch
@@ -51,69 +76,135 @@ def make_runner(name: str, checkpoint: Path, model: Path):
                 return unet(*args, return_dict=False)[0]
 
         return run
-    from sd_onnx.runtime.providers import resolve_device
-    from sd_onnx.runtime.sessions import OpenVinoSession, open_session
-
     feeds = {"sample": sample, "timestep": t, "encoder_hidden_states": ctx}
-    if name == "openvino-bf16-hint":
+    path = folder / "unet" / "model.onnx"
+    if name == "ort-plain":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda: session.run(None, feeds)
+    if name.startswith("openvino-"):
         import openvino as ov
 
-        compiled = ov.Core().compile_model(str(model / "unet" / "model.onnx"), "CPU",
-                                           {"INFERENCE_PRECISION_HINT": "bf16"})
-        request = compiled.create_infer_request()
+        hint = "bf16" if name.endswith("bf16-hint") else "f32"
+        request = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint}).create_infer_request()
         return lambda: request.infer(feeds)
-    device = resolve_device("openvino" if name == "ours-openvino" else "cpu")
-    session = open_session(model, "unet", device)
-    assert name != "ours-openvino" or isinstance(session, OpenVinoSession)
+    from sd_onnx.runtime.providers import resolve_device
+    from sd_onnx.runtime.sessions import open_session
+
+    session = open_session(folder, "unet", resolve_device("openvino" if "openvino" in name else "cpu"))
     return lambda: session.run(feeds)
 
 
-def child(name: str, checkpoint: Path, model: Path, warmup: int, repeats: int) -> dict:
+def child(name: str, checkpoint: Path, folder: Path, warmup: int, repeats: int) -> dict:
     t0 = time.perf_counter()
-    run = make_runner(name, checkpoint, model)
+    run = make_runner(name, checkpoint, folder)
     load = time.perf_counter() - t0
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return {"name": name, "load_s": load, "times": times,
+    return {"name": name, "load_s": load, "first_s": first, "times": times,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+
+
+def matmul_peaks(m: int = 8192, k: int = 1280, n: int = 1280, repeats: int = 5) -> dict[str, float]:
+    """This CPU's attainable GFLOP/s on one large matmul: fp32 (MLAS SGEMM) and u8s8 (MLAS QGEMM), 2 threads."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def best(op, x_type, x, w, extra=()):
+        graph = helper.make_graph([helper.make_node(op, ["x", "w", *[e.name for e in extra]], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", x_type, [m, k])],
+                                  [helper.make_tensor_value_info("y", T.INT32 if op == "MatMulInteger" else T.FLOAT,
+                                                                 [m, n])],
+                                  [numpy_helper.from_array(w, "w"), *extra])
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                       .SerializeToString(), providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x})
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(time.perf_counter() - t0)
+        return 2 * m * k * n / min(times) / 1e9
+
+    fp32 = best("MatMul", T.FLOAT, rng.standard_normal((m, k), dtype=np.float32),
+                rng.standard_normal((k, n), dtype=np.float32))
+    int8 = best("MatMulInteger", T.UINT8, rng.integers(0, 255, (m, k), dtype=np.uint8),
+                rng.integers(-64, 64, (k, n), dtype=np.int8), [numpy_helper.from_array(np.array(128, np.uint8), "z")])
+    return {"fp32": fp32, "int8": int8}
+
+
+def unet_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in (folder / "unet").iterdir() if f.is_file()) / 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="full-size LDM checkpoint (make_checkpoint.py)")
     parser.add_argument("--model", type=Path, required=True, help="its exported model folder (sd-onnx export)")
+    parser.add_argument("--plain-model", type=Path, help="the same checkpoint exported with --no-optimize (peers)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all configurations")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per configuration and round")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.checkpoint, args.model, args.warmup, args.repeats)))
+        print(json.dumps(child(args.child, args.checkpoint, args.folder, args.warmup, args.repeats)))
         return
-    results = []
+    paths = folders(args)
+    names = []
     for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model", str(args.model),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--child", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"{name}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+        path = paths[needs(name)]
+        if path is None or not (path / "unet" / "model.onnx").is_file():
+            print(f"  {name}: skipped (no {needs(name)} model folder; see --help)", file=sys.stderr)
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"  {name}: median {statistics.median(r['times']):.2f} s", file=sys.stderr)
-    peers = [statistics.median(r["times"]) for r in results if not CONFIGS[r["name"]][0]]
+        names.append(name)
+    peaks = {"before": matmul_peaks()}
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for round_no in range(args.rounds):
+        for name in names:
+            cmd = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model", str(args.model),
+                   "--folder", str(paths[needs(name)]), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                   "--child", name]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+                continue
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  round {round_no + 1} {name}: {runs[name][-1]['times']}", file=sys.stderr)
+    peaks["after"] = matmul_peaks()
+    peak = {k: max(peaks["before"][k], peaks["after"][k]) for k in ("fp32", "int8")}
+    peak["bf16"] = peak["fp32"]  # no BF16 hardware here: bf16 runs no faster than fp32 can
+    print(f"matmul peak, measured before/after: fp32 {peaks['before']['fp32']:.0f}/{peaks['after']['fp32']:.0f} "
+          f"GFLOP/s, u8s8 {peaks['before']['int8']:.0f}/{peaks['after']['int8']:.0f} GOP/s")
+    sizes = {p: round(unet_mb(f), 1) for p, f in paths.items() if f is not None and (f / "unet").is_dir()}
+    print("UNet size MB: " + ", ".join(f"{p} {s}" for p, s in sizes.items()))
+    medians = {n: statistics.median(t for r in rs for t in r["times"]) for n, rs in runs.items() if rs}
+    peers = [m for n, m in medians.items() if not CONFIGS[n][0]]
     best_peer = min(peers) if peers else float("nan")
-    print("| configuration | median s | min s | vs fastest peer | GFLOP/s | load s | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        med = statistics.median(r["times"])
-        print(f"| {CONFIGS[r['name']][1]} | {med:.2f} | {min(r['times']):.2f} | {med / best_peer:.2f}x | "
-              f"{STEP_TFLOP * 1000 / med:.0f} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    print("| configuration | median s | min s | vs fastest peer | GFLOP/s | of matmul peak | load s | first step s "
+          "| peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, med in medians.items():
+        rs = runs[name]
+        gflops = STEP_TFLOP * 1000 / med
+        print(f"| {CONFIGS[name][1]} | {med:.2f} | {min(t for r in rs for t in r['times']):.2f} | "
+              f"{med / best_peer:.2f}x | {gflops:.0f} | {gflops / peak[CONFIGS[name][2]]:.0%} "
+              f"| {statistics.median(r['load_s'] for r in rs):.1f} | {statistics.median(r['first_s'] for r in rs):.1f} "
+              f"| {max(r['peak_rss_gb'] for r in rs):.2f} |")
 
 
 if __name__ == "__main__":
