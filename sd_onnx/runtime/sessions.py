@@ -87,8 +87,11 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
     # ORT_ENABLE_ALL adds the CPU's NCHWc layout rewrites. Measured at full size: the VAE decoder runs 14% faster
     # with them (15.4 vs 17.8 s), but for the UNet they cost 8.7 s at every start (9.9 vs 1.2 s) for 1-5% per
     # step (runs disagree): even at 20 steps end to end (239.5 vs 239.2 s), a loss for shorter runs.
+    # An int8 UNet is chosen to save memory, and its arena is most of what it holds beyond the 0.87 GB of weights:
+    # without it the step peak went 2.19 -> 1.89 GB for 0-4% more time (two alternating full-size runs each).
+    int8_unet = component == "unet" and component_precision(folder, component) == "int8"
     return OrtSession(path, device, threads, full_optimization=not (cpu_only and component == "unet"),
-                      low_memory=low_memory)
+                      low_memory=low_memory or int8_unet)
 
 
 def component_precision(folder: Path, component: str) -> str:
