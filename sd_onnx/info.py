@@ -19,6 +19,7 @@ def machine_report() -> dict:
         "openvino": {"version": _version("openvino"), "devices": openvino_devices()},
         "models_dir": str(models_dir()),
         "models": [p.name for p in installed_models()],
+        "variants": {p.name: _variants(p) for p in installed_models()},
         "missing": {name: f"pip install {package}" for name, (provider, package) in ORT_DEVICES.items()
                     if provider not in available},
     }
@@ -43,7 +44,8 @@ def format_report(r: dict) -> str:
         f"onnxruntime: {r['onnxruntime']['version'] or 'not installed'} "
         f"({', '.join(r['onnxruntime']['providers']) or 'no providers'})",
         f"openvino:    {r['openvino']['version'] or 'not installed'} ({', '.join(r['openvino']['devices']) or 'no devices'})",
-        f"models:      {', '.join(r['models']) or 'none'} in {r['models_dir']}",
+        f"models:      {', '.join(_with_variants(m, r['variants'].get(m, [])) for m in r['models']) or 'none'} "
+        f"in {r['models_dir']}",
         f"--device auto: {r['auto']['device']} ({r['auto']['reason']})",
     ]
     if r.get("note"):
@@ -51,6 +53,17 @@ def format_report(r: dict) -> str:
     for name, command in r["missing"].items():
         lines.append(f"to add {name + ':':<10} {command}")
     return "\n".join(lines)
+
+
+def _variants(model) -> list[str]:
+    """Precision variants that `sd-onnx quantize` left beside a model (what `--precision` can choose)."""
+    from sd_onnx.runtime.variants import PRECISIONS, is_variant, variant_path
+
+    return [p for p in PRECISIONS[1:] if is_variant(variant_path(model, p), p)]
+
+
+def _with_variants(name: str, variants: list[str]) -> str:
+    return f"{name} (+{', '.join(variants)})" if variants else name
 
 
 def _version(module: str) -> str | None:

@@ -260,6 +260,11 @@ def test_the_only_installed_model_stays_the_default_after_quantizing(base, int8,
         (tmp_path / "models" / folder.name).symlink_to(folder)
     assert installed_models() == [tmp_path / "models" / base.name]
     assert find_model(None).name == base.name
+    from sd_onnx.info import format_report, machine_report
+
+    report = machine_report()
+    assert report["variants"] == {base.name: ["int8"]}
+    assert f"{base.name} (+int8)" in format_report(report)
 
 
 def test_quantize_runs_without_torch(base, tmp_path):

@@ -52,19 +52,19 @@ def choose_variant(folder: Path, precision: str, device: str, cpu_flags: list[st
             return folder, f"{own} (the folder given is the {own} variant)"
         for candidate in auto_preference(device, cpu_flags):
             path = variant_path(folder, candidate)
-            if _is_variant(path, candidate):
+            if is_variant(path, candidate):
                 return path, f"{candidate} (variant found beside the model; --precision fp32 for the original)"
         return folder, "fp32"
     base = base_folder(folder, meta)
     path = base if precision == "fp32" else variant_path(base, precision)
-    if _is_variant(path, precision):
+    if is_variant(path, precision):
         return path, f"{precision} (requested)"
     hint = (f"the original of this variant is not at {path}" if precision == "fp32"
             else f"make it with `sd-onnx quantize {base} --{precision}`")
     raise ModelFolderError(f"no {precision} variant of {base.name} at {path}: {hint}")
 
 
-def _is_variant(path: Path, precision: str) -> bool:
+def is_variant(path: Path, precision: str) -> bool:
     if not path.is_dir():
         return False
     try:
