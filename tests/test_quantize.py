@@ -229,6 +229,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(base, int8, tmp_path, capsys, 
     assert "no AVX512-BF16" in _error_line(capsys)
     assert main(["quantize", str(base), "--int8", "-o", str(int8)]) == 2
     assert "already exists" in _error_line(capsys)
+    assert main(["quantize", str(base), "--int8", "-o", str(out), "--calibration-size", "100"]) == 2
+    assert "--calibration-size must be a multiple of 8" in _error_line(capsys)
+    assert main(["quantize", str(base), "--int8", "-o", str(out), "--fidelity-steps", "0"]) == 2
+    assert "--fidelity-steps must be at least 1" in _error_line(capsys)
+    assert main(["quantize", str(base), "--int8", "--calibration-prompts", str(tmp_path / "none.txt")]) == 2
+    assert "cannot read calibration prompts" in _error_line(capsys)
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    assert main(["quantize", str(base), "--int8", "--calibration-prompts", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no prompts" in _error_line(capsys)
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 

@@ -61,6 +61,7 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
     if precision_of(meta) != "fp32":
         raise UsageError(f"{base} is already a {precision_of(meta)} variant; quantize its fp32 original "
                          f"({base_folder(base, meta)}) instead")
+    _check_settings(options)
     components = _components(options.components, precision, meta)
     if precision == "bf16" and not options.any_cpu and not has_bf16(cpu_info()["flags"]):
         raise UsageError("this CPU has no AVX512-BF16 or AMX, so a bf16 variant would run slower than fp32 here; "
@@ -102,6 +103,15 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
         new_meta["fidelity"] = fidelity
         dump_json(tmp / METADATA, new_meta)
     return QuantizeResult(output, precision, components, fidelity, round(time.perf_counter() - start, 1))
+
+
+def _check_settings(options: QuantizeOptions) -> None:
+    for flag, value in (("--calibration-steps", options.calibration_steps), ("--fidelity-steps", options.fidelity_steps)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--calibration-size", options.calibration_size), ("fidelity size", options.fidelity_size)):
+        if value is not None and (value < 64 or value % 8):
+            raise UsageError(f"{flag} must be a multiple of 8 and at least 64, got {value}")
 
 
 def _components(requested: tuple[str, ...] | None, precision: str, meta: dict) -> tuple[str, ...]:
