@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import measure  # benchmarks/timing.py (scripts run from their folder)
 
 CONFIGS = {"torch": (False, "PyTorch eager fp32"), "ort-plain": (False, "ONNX Runtime defaults, plain export"),
            "openvino-plain": (False, "OpenVINO f32, plain export"), "ours-ort-cpu": (True, "sd-onnx, ONNX Runtime CPU"),
@@ -76,16 +75,7 @@ def make_runner(config: str, component: str, checkpoint: Path, folder: Path):
 
 
 def child(config: str, component: str, checkpoint: Path, folder: Path, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    run = make_runner(config, component, checkpoint, folder)
-    load = time.perf_counter() - t0
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"times": times, "load_s": load, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return measure(lambda: make_runner(config, component, checkpoint, folder), 1, repeats)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timing import measure  # benchmarks/timing.py (scripts run from their folder)
 
 STEP_TFLOP = 1.354  # SD 1.5 UNet, batch 2, 64x64 latent, 77 tokens (shared/MEASUREMENTS.md)
 CONFIGS = {
@@ -97,21 +97,7 @@ def make_runner(name: str, checkpoint: Path, folder: Path):
 
 
 def child(name: str, checkpoint: Path, folder: Path, warmup: int, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    run = make_runner(name, checkpoint, folder)
-    load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"name": name, "load_s": load, "first_s": first, "times": times,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    return {"name": name, **measure(lambda: make_runner(name, checkpoint, folder), warmup, repeats)}
 
 
 def matmul_peaks(m: int = 8192, k: int = 1280, n: int = 1280, repeats: int = 5) -> dict[str, float]:
