@@ -14,7 +14,7 @@ from sd_onnx.quantize.metrics import cosine, psnr, ssim
 
 
 def component_sizes(folder: Path, components) -> dict[str, float]:
-    """MB on disk per component folder (hard-linked files count in full in each folder)."""
+    """MB on disk per component folder."""
     return {c: round(sum(f.stat().st_size for f in (folder / c).iterdir() if f.is_file()) / 1e6, 2)
             for c in components}
 

@@ -10,6 +10,20 @@ from typing import Iterator
 from sd_onnx.onnx_files import external_location, working_dir
 
 
+def feeds_reader(feeds: list[dict]):
+    """ONNX Runtime's CalibrationDataReader over recorded feeds (its quantizer and calibrator both take one)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    return Reader()
+
+
 def copy_file(src: Path, dst: Path) -> None:
     """A real copy: ONNX refuses external data files with several hard links (a hardlink-attack guard)."""
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """16-bit variants: fp16 for GPU providers (ops that overflow stay fp32) and bf16-stored weights for CPUs with BF16.
 
 fp16 converts the whole graph with ONNX Runtime's float16 converter, inputs and outputs kept fp32. Which nodes stay
-fp32 is measured, not guessed: the fp32 graph runs on the recorded inputs and every node whose output comes within
-FP16_HEADROOM of fp16's largest value (65504) is blocked (the classic case is the VAE decoder's up-blocks).
+fp32 is measured, not guessed: the fp32 graph runs on the recorded inputs, and every tensor that comes within
+FP16_HEADROOM of fp16's largest value (65504) keeps its producer and its consumers in fp32 (the classic case is
+the VAE decoder's up-blocks).
 
 bf16 stores every float weight as bfloat16 (half the size) behind a Cast to fp32; compute precision is the
 runtime's choice: OpenVINO with INFERENCE_PRECISION_HINT=bf16 keeps the weights bf16 and runs AVX512-BF16/AMX
@@ -15,32 +16,23 @@ from pathlib import Path
 import numpy as np
 
 from sd_onnx.onnx_files import external_location, quiet_logger, working_dir
-from sd_onnx.quantize.graphs import typed_graph
+from sd_onnx.quantize.graphs import feeds_reader, typed_graph
 
 FP16_MAX = 65504.0
-FP16_HEADROOM = 4.0  # block a node whose measured |output| exceeds 65504 / 4 on the recorded inputs
+FP16_HEADROOM = 4.0  # a tensor measured above 65504 / 4 on the recorded inputs stays fp32
 
 
-def activation_peaks(src: Path, workdir: Path, feeds: list[dict]) -> dict[str, float]:
-    """Largest |value| of every float tensor of the graph over the feeds (ONNX Runtime's MinMax calibrator)."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+def activation_peaks(typed: Path, workdir: Path, feeds: list[dict], external: bool) -> dict[str, float]:
+    """Largest |value| of every float tensor of a typed graph (see typed_graph) over the feeds, measured with
+    ONNX Runtime's MinMax calibrator."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-    with typed_graph(src, workdir) as typed, quiet_logger():
-        import onnx
-
-        external = external_location(onnx.load(str(typed), load_external_data=False)) is not None
+    with quiet_logger():
         calibrator = create_calibrator(str(typed), None, augmented_model_path=str(workdir / "peaks.onnx"),
                                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
                                        providers=["CPUExecutionProvider"])
         try:
-            calibrator.collect_data(Reader())
+            calibrator.collect_data(feeds_reader(feeds))
             ranges = calibrator.compute_data()
         finally:
             del calibrator
@@ -55,10 +47,11 @@ def convert_fp16(src: Path, dst: Path, feeds: list[dict]) -> dict:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    peaks = activation_peaks(src, dst.parent, feeds)
     limit = FP16_MAX / FP16_HEADROOM
-    external = external_location(onnx.load(str(src), load_external_data=False)) is not None
-    with typed_graph(src, dst.parent) as typed:  # the converter places its Casts by the tensors' types
+    # One typed copy serves both the measurement and the converter, which places its Casts by the tensors' types.
+    with typed_graph(src, dst.parent) as typed:
+        external = external_location(onnx.load(str(typed), load_external_data=False)) is not None
+        peaks = activation_peaks(typed, dst.parent, feeds, external)
         proto = onnx.load(str(typed))
     big = {name for name, peak in peaks.items() if peak > limit}
     # A tensor too big for fp16 must never be one: its producer and its consumers both stay fp32.
@@ -114,6 +107,7 @@ def convert_bf16_weights(src: Path, dst: Path) -> dict:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    external = external_location(onnx.load(str(src), load_external_data=False)) is not None
     with working_dir(src.parent):
         proto = onnx.load(src.name)
     graph = proto.graph
@@ -129,7 +123,7 @@ def convert_bf16_weights(src: Path, dst: Path) -> dict:
     nodes = casts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    _save(proto, dst, external=external_location(onnx.load(str(src), load_external_data=False)) is not None)
+    _save(proto, dst, external=external)
     return {"method": "weights stored as bfloat16 (round to nearest even) behind Cast to fp32",
             "bf16_tensors": converted}
 

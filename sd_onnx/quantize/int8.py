@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd_onnx.onnx_files import external_location, quiet_logger
-from sd_onnx.quantize.graphs import typed_graph
+from sd_onnx.quantize.graphs import feeds_reader, typed_graph
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 # Kept in float: the first and last convolutions (image in/out, 4 channels: little to gain, most to lose) and the
@@ -25,15 +25,7 @@ KEEP_FLOAT = ("/conv_in/", "/conv_out/", "/time_embedding/", "/time_proj")
 def quantize_int8(src: Path, dst: Path, feeds: list[dict]) -> dict:
     """Write the int8 QDQ version of the graph at src to dst (weights beside it); returns what was done."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not feeds:
         raise ValueError("int8 calibration needs at least one recorded input")
@@ -42,7 +34,7 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict]) -> dict:
         candidates = [n.name for n in proto.graph.node if n.op_type in QUANTIZED_OPS]
         kept = [name for name in candidates if any(part in name for part in KEEP_FLOAT)]
         quantize_static(
-            str(typed), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+            str(typed), str(dst), feeds_reader(feeds), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept,
             use_external_data_format=external_location(proto) is not None,

@@ -50,4 +50,6 @@ def cosine(a: NDArray, b: NDArray) -> float:
     x = np.asarray(a, np.float64).ravel()
     y = np.asarray(b, np.float64).ravel()
     denom = np.linalg.norm(x) * np.linalg.norm(y)
-    return 1.0 if denom == 0 and not x.any() and not y.any() else float(x @ y / denom) if denom else 0.0
+    if denom == 0:  # a zero vector: similar only to another zero vector
+        return 1.0 if not x.any() and not y.any() else 0.0
+    return float(x @ y / denom)

@@ -66,7 +66,7 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
     if precision == "bf16" and not options.any_cpu and not has_bf16(cpu_info()["flags"]):
         raise UsageError("this CPU has no AVX512-BF16 or AMX, so a bf16 variant would run slower than fp32 here; "
                          "make it on the machine that will run it, or pass --any-cpu to build it anyway")
-    _check_torch_free_tools()
+    _check_quantize_tools()
     output = Path(output) if output is not None else variant_path(base, precision)
     size = meta.get("default_size", 512)
     calib_size = options.calibration_size or max(64, size // 2 // 8 * 8)
@@ -124,7 +124,7 @@ def _components(requested: tuple[str, ...] | None, precision: str, meta: dict) -
     return tuple(dict.fromkeys(requested))
 
 
-def _check_torch_free_tools() -> None:
+def _check_quantize_tools() -> None:
     import importlib
 
     try:

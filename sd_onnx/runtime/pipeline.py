@@ -24,6 +24,7 @@ from sd_onnx.runtime.samplers import SAMPLER_NAMES, Denoiser, ldm_alphas_cumprod
 from sd_onnx.runtime.sessions import Session, cast_feeds, open_session
 from sd_onnx.runtime.tokenizer import ClipTokenizer
 from sd_onnx.runtime.vae_tiles import decode_tiled
+from sd_onnx.runtime.variants import precision_of
 
 MAX_SEED = 2**32 - 1
 
@@ -151,7 +152,7 @@ def generate(
     request.validate()
     folder = Path(folder)
     meta = check_folder(folder)
-    dev = device if isinstance(device, Device) else resolve_device(device, precision=meta.get("precision", "fp32"))
+    dev = device if isinstance(device, Device) else resolve_device(device, precision=precision_of(meta))
     timings: dict[str, float] = {}
     seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
     latent_shape = (4, request.height // 8, request.width // 8)
