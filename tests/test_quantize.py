@@ -92,10 +92,11 @@ def test_int8_unet_runs_integer_kernels(int8, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert _initializer_types(path).get(TensorProto.INT8, 0) > 10
     # the sensitive first/last convolutions stay float: no DequantizeLinear feeds them
-    producers = {o: n for n in graph.node for o in n.output}
-    for node in graph.node:
-        if node.op_type == "Conv" and ("/conv_in/" in node.name or "/conv_out/" in node.name):
-            assert producers[node.input[1]].op_type != "DequantizeLinear" if node.input[1] in producers else True
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    edge_convs = [n for n in graph.node if n.op_type == "Conv" and ("/conv_in/" in n.name or "/conv_out/" in n.name)]
+    assert len(edge_convs) == 2
+    for node in edge_convs:
+        assert producers.get(node.input[0]) != "DequantizeLinear" and producers.get(node.input[1]) != "DequantizeLinear"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
