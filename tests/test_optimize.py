@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -40,6 +41,25 @@ def test_fused_unet_equals_plain_export(tiny_model, tiny_checkpoint, tmp_path, f
     outs = [ort.InferenceSession(str(d / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
             for d in (fused_dir, plain_dir)]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_fusion_pass_takes_a_relative_path(tiny_model, tiny_checkpoint, tmp_path, monkeypatch):
+    """`sd-onnx export m.ckpt -o out` hands the pass a path relative to the cwd, which it changes to the model's
+    folder while fusing: it once failed to find model.onnx_data there."""
+    import shutil
+
+    from sd_onnx.export.optimize import optimize_unet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain_dir = export_model(tiny_checkpoint("sd1"), tmp_path / "plain", optimize=False).folder
+    shutil.copytree(plain_dir / "unet", tmp_path / "work" / "unet")
+    monkeypatch.chdir(tmp_path / "work")
+    stats = optimize_unet(Path("unet") / "model.onnx")
+    assert stats.get("MultiHeadAttention", 0) > 0
+    fused = onnx.load(str(tiny_model("sd1") / "unet" / "model.onnx"), load_external_data=False)
+    ours = onnx.load("unet/model.onnx", load_external_data=False)
+    assert [n.op_type for n in ours.graph.node] == [n.op_type for n in fused.graph.node]
 
 
 def test_fused_unet_keeps_one_copy_of_each_weight(tiny_model):

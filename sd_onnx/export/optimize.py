@@ -31,6 +31,7 @@ def optimize_unet(model_path: Path) -> dict[str, int]:
     for name in CUDA_ONLY_FUSIONS:
         if hasattr(options, name):
             setattr(options, name, False)
+    model_path = Path(model_path).resolve()  # the fusions run from the model's folder; keep our paths valid there
     folder = model_path.parent
     proto = onnx.load(str(model_path), load_external_data=False)
     external = external_location(proto)
