@@ -81,7 +81,8 @@ def test_int8_variant_is_a_sibling_with_metadata_and_fidelity(base, int8):
 
 
 def test_int8_unet_runs_integer_kernels(int8, tmp_path):
-    """The stored graph is QDQ with int8 weights; ONNX Runtime's optimized graph runs QLinear* integer ops."""
+    """The stored graph is QDQ with int8 weights; ONNX Runtime's optimized graph runs integer kernels: QLinearConv
+    for convolutions, MatMulIntegerToFloat for the matmuls, whose outputs stay float (no QuantizeLinear after them)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto
@@ -102,7 +103,11 @@ def test_int8_unet_runs_integer_kernels(int8, tmp_path):
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     optimized = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node}
-    assert {"QLinearConv", "QLinearMatMul"} <= optimized, optimized
+    assert {"QLinearConv", "MatMulIntegerToFloat"} <= optimized, optimized
+    assert "MatMul" not in optimized and "QLinearMatMul" not in optimized, optimized
+    consumers = {i: n.op_type for n in graph.node for i in n.input}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(consumers.get(n.output[0]) != "QuantizeLinear" for n in matmuls)
 
 
 def test_int8_output_stays_close_to_fp32(int8):
