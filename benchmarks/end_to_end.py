@@ -1,0 +1,197 @@
+"""End to end, prompt to 512x512 image in 20 Euler steps with guidance: ours and our variants against the peers'
+pipelines, interleaved, one run.
+
+    python benchmarks/end_to_end.py --checkpoint /tmp/bench/sd15-random.safetensors --model /tmp/bench/sd15m \\
+        --plain-model /tmp/bench/sd15
+Each configuration makes one image in a fresh process, so every figure is a cold start as a user sees it: the
+time from "load the pipeline" to the image, the time to the first finished denoising step within that, and the
+process's peak RSS. Rounds interleave the configurations (round 1 runs each once, then round 2 ...).
+Peers, as a user would run them without sd-onnx:
+  torch-fp32      diffusers StableDiffusionPipeline (PyTorch eager fp32) on modules built from the checkpoint
+  ort-plain       diffusers OnnxStableDiffusionPipeline on the plain export (ONNX Runtime CPU, default options)
+  openvino-plain  the same diffusers ONNX pipeline with its three models compiled by OpenVINO (f32 hint): what
+                  optimum-intel's OVStableDiffusionPipeline does; optimum-intel itself would pull a CUDA torch
+                  and another transformers into this venv, so its runtime is called directly
+Ours: `sd_onnx.runtime.pipeline.generate` on the fused export (ONNX Runtime CPU or OpenVINO) and on the int8
+variant (<model>-int8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+PROMPT, NEGATIVE, STEPS, SEED, CFG = "a black house cat typing on a computer", "blurry", 20, 1, 7.0
+CONFIGS = {
+    # name: (is ours, description, which folder)
+    "torch-fp32": (False, "PyTorch eager fp32, diffusers StableDiffusionPipeline", None),
+    "ort-plain": (False, "ONNX Runtime CPU, diffusers OnnxStableDiffusionPipeline on the plain export", "plain"),
+    "openvino-plain": (False, "OpenVINO CPU f32, diffusers ONNX pipeline on the plain export", "plain"),
+    "ours-ort-cpu": (True, "sd-onnx fp32, ONNX Runtime CPU (--device cpu)", "fp32"),
+    "ours-openvino": (True, "sd-onnx fp32, OpenVINO CPU (--device openvino)", "fp32"),
+    "ours-int8-ort": (True, "sd-onnx int8 variant, ONNX Runtime CPU (what auto picks here)", "int8"),
+}
+
+
+class _OpenVINOModel:
+    """Stands in for diffusers' OnnxRuntimeModel: called with keyword arrays, returns the outputs in order."""
+
+    def __init__(self, core, path: Path):
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.request = compiled.create_infer_request()
+        self.outputs = compiled.outputs
+        inputs = [SimpleNamespace(name=i.get_any_name(), type="tensor(float)") for i in compiled.inputs]
+        self.model = SimpleNamespace(get_inputs=lambda: inputs)
+
+    def __call__(self, **feeds):
+        result = self.request.infer({k: np.asarray(v) for k, v in feeds.items()})
+        return [result[o] for o in self.outputs]
+
+
+def _numpy_euler():
+    import diffusers
+
+    class NumpyEuler(diffusers.EulerDiscreteScheduler):
+        """diffusers' ONNX pipeline multiplies a NumPy latent by init_noise_sigma, which this scheduler keeps as a
+        torch scalar; a float makes the same product."""
+
+        @property
+        def init_noise_sigma(self):
+            return float(super().init_noise_sigma)
+
+    return NumpyEuler
+
+
+def _diffusers_onnx(folder: Path, openvino: bool):
+    import diffusers
+
+    pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(str(folder), provider="CPUExecutionProvider")
+    if openvino:
+        import openvino as ov
+
+        core = ov.Core()
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            setattr(pipe, name, None)  # release the ORT session before OpenVINO compiles its own copy
+            setattr(pipe, name, _OpenVINOModel(core, folder / name / "model.onnx"))
+    pipe.scheduler = _numpy_euler().from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    pipe.set_progress_bar_config(disable=True)
+    return lambda on_step: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                                height=512, width=512, generator=np.random.RandomState(SEED), output_type="np",
+                                callback=lambda *a: on_step(), callback_steps=1).images[0]
+
+
+def _diffusers_torch(checkpoint: Path, workdir: Path):
+    import diffusers
+    import torch
+    from transformers import CLIPTokenizer
+
+    from sd_onnx.export.checkpoint import load_checkpoint
+    from sd_onnx.export.convert import build_reference_model
+    from sd_onnx.runtime.tokenizer import write_tokenizer_folder
+
+    model = build_reference_model(load_checkpoint(checkpoint))
+    write_tokenizer_folder(workdir / "tokenizer", pad_token=model.family.pad_token)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=CLIPTokenizer.from_pretrained(workdir / "tokenizer"),
+        unet=model.unet, scheduler=diffusers.EulerDiscreteScheduler.from_config(model.scheduler_config,
+                                                                                timestep_spacing="linspace"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(on_step):
+        def step_end(pipeline, i, t, kwargs):
+            on_step()
+            return kwargs
+
+        with torch.inference_mode():
+            return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG, height=512,
+                        width=512, generator=torch.Generator().manual_seed(SEED), output_type="np",
+                        callback_on_step_end=step_end).images[0]
+
+    return run
+
+
+def _ours(folder: Path, device: str):
+    from sd_onnx.runtime.pipeline import GenerateRequest, generate
+
+    request = GenerateRequest(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", seed=SEED)
+    return lambda on_step: generate(folder, request, device=device,
+                                    progress=lambda label: lambda i, n: on_step()).images[0].image
+
+
+def child(config: str, checkpoint: Path, folder: Path | None, workdir: Path) -> dict:
+    """Build the configuration's pipeline and make one image; times are from before the build."""
+    warnings.simplefilter("ignore")
+    steps: list[float] = []
+    t0 = time.perf_counter()
+    if config == "torch-fp32":
+        run = _diffusers_torch(checkpoint, workdir)
+    elif config in ("ort-plain", "openvino-plain"):
+        run = _diffusers_onnx(folder, openvino=config == "openvino-plain")
+    else:
+        run = _ours(folder, "openvino" if config == "ours-openvino" else "cpu")
+    built = time.perf_counter() - t0
+    image = run(lambda: steps.append(time.perf_counter() - t0))
+    total = time.perf_counter() - t0
+    if len(steps) != STEPS:
+        raise RuntimeError(f"{config}: saw {len(steps)} step callbacks, expected {STEPS}")
+    image = np.asarray(image)
+    return {"total_s": total, "build_s": built, "first_step_s": steps[0],
+            "step_median_s": statistics.median(np.diff(steps)), "decode_s": total - steps[-1],
+            "image_shape": list(image.shape),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="full-size LDM checkpoint (make_checkpoint.py)")
+    parser.add_argument("--model", type=Path, required=True, help="its exported model folder (sd-onnx export)")
+    parser.add_argument("--plain-model", type=Path, required=True, help="the same checkpoint exported --no-optimize")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sd-onnx-e2e"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    folders = {None: None, "plain": args.plain_model, "fp32": args.model,
+               "int8": args.model.with_name(args.model.name + "-int8")}
+    if args.child:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(child(args.child, args.checkpoint, folders[CONFIGS[args.child][2]], args.workdir)))
+        return
+    names = [n for n in args.configs.split(",") if folders[CONFIGS[n][2]] is None or folders[CONFIGS[n][2]].is_dir()]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for round_no in range(args.rounds):
+        for name in names:
+            cmd = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model", str(args.model),
+                   "--plain-model", str(args.plain_model), "--workdir", str(args.workdir), "--child", name]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+                continue
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  round {round_no + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+    medians = {n: statistics.median(r["total_s"] for r in rs) for n, rs in runs.items() if rs}
+    best_peer = min((m for n, m in medians.items() if not CONFIGS[n][0]), default=float("nan"))
+    print(f"| configuration ({STEPS} steps, 512x512) | image s (median) | vs fastest peer | build s | first step "
+          "done s | s/step | decode s | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, med in medians.items():
+        rs = runs[name]
+        mid = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        print(f"| {CONFIGS[name][1]} | {med:.1f} | {med / best_peer:.2f}x | {mid('build_s'):.1f} | "
+              f"{mid('first_step_s'):.1f} | {mid('step_median_s'):.2f} | {mid('decode_s'):.1f} | "
+              f"{max(r['peak_rss_gb'] for r in rs):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
