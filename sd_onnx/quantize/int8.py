@@ -2,18 +2,19 @@
 
 QDQ (QuantizeLinear/DequantizeLinear pairs around float ops) is the one int8 form both runtimes execute with
 integer kernels: ONNX Runtime fuses it into QLinearConv/QGemm and MatMulIntegerToFloat, OpenVINO into int8
-convolutions and matmuls. Weights are int8 per output channel, activations uint8 per tensor (the U8S8 pair that MLAS runs with
-VNNI, and with VPMADDUBSW on plain AVX2). Weights use 7 bits (reduce_range): VPMADDUBSW adds pairs of u8*s8
-products into a saturating int16, which full-range weights overflow on CPUs without VNNI. Measured on the tiny
-test UNet on this AVX2 CPU: relative output error 0.107 with 8-bit weights, 0.056 with 7-bit; the variant must
+convolutions and matmuls. Weights are int8 per output channel, activations uint8 per tensor (the U8S8 pair that
+MLAS runs with VNNI, and with VPMADDUBSW on plain AVX2). Weights use 7 bits (reduce_range): VPMADDUBSW adds pairs
+of u8*s8 products into a saturating int16, which full-range weights overflow on CPUs without VNNI. Measured on the
+tiny test UNet on this AVX2 CPU: relative output error 0.107 with 8-bit weights, 0.056 with 7-bit; the variant must
 work on either kind of CPU, so it always uses 7.
 
 MatMul outputs are left in float (no QuantizeLinear after them). Every MatMul of the UNet feeds a float op
 (attention, a bias Add, a layer norm), so a quantized output was immediately dequantized again: an extra rounding
 and a pass over the tensor. Without it ONNX Runtime runs MatMulIntegerToFloat, which scales the int32 sums straight
 to float. Full-size 512x512 step, two alternating rounds: 9.18 s -> 8.44 s (fp32 13.90 s: 1.51x -> 1.65x); the
-338 DequantizeLinear nodes (0.60 s of the step) become 178 (0.18 s); fidelity moved up (PSNR 27.36 -> 27.54 dB). Convolutions keep their quantized output: QLinearConv needs it, and without it
-ONNX Runtime would run a float Conv on dequantized weights."""
+338 DequantizeLinear nodes (0.60 s of the step) become 178 (0.18 s); fidelity moved up (PSNR 27.36 -> 27.54 dB).
+Convolutions keep their quantized output: QLinearConv needs it, and without it ONNX Runtime would run a float
+Conv on dequantized weights."""
 
 from __future__ import annotations
 
