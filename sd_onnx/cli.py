@@ -63,11 +63,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    try:
-        from sd_onnx.quantize.fidelity import format_report
-        from sd_onnx.quantize.variant import QuantizeOptions, quantize_model
-    except ImportError as e:
-        raise SdOnnxError(f"quantize needs the quantize extra ({e.name} is missing): pip install 'sd-onnx[quantize]'") from None
+    # numpy only: quantize_model itself checks for the quantize extra before any work
+    from sd_onnx.quantize.fidelity import format_report
+    from sd_onnx.quantize.variant import QuantizeOptions, quantize_model
+
     components = tuple(c.strip() for c in args.components.split(",") if c.strip()) if args.components else None
     options = QuantizeOptions(args.precision, components, Path(args.calibration_prompts) if args.calibration_prompts
                               else None, calibration_steps=args.calibration_steps,

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from sd_onnx.errors import SdOnnxError
+from sd_onnx.errors import SdOnnxError, UsageError
 from sd_onnx.runtime.providers import ORT_DEVICES, cpu_info, openvino_devices, ort_providers, resolve_device
 
 
@@ -87,9 +87,14 @@ def _generate_everywhere(folder: Path, root: Path, log: Callable[[str], None]) -
 
 def _try_int8(folder: Path, root: Path, log: Callable[[str], None]) -> None:
     """Whether int8 quantization and its integer kernels work here (an optional extra; never fails the test)."""
-    try:
-        from sd_onnx.quantize.variant import QuantizeOptions, quantize_model
+    from sd_onnx.quantize.variant import QuantizeOptions, check_quantize_tools, quantize_model
 
+    try:
+        check_quantize_tools()
+    except UsageError as e:
+        log(f"quantize --int8: unavailable ({e})")
+        return
+    try:
         t0 = time.perf_counter()
         options = QuantizeOptions("int8", calibration_prompts=1, calibration_steps=3, calibration_size=64,
                                   fidelity_prompts=1, fidelity_steps=3, fidelity_size=64)
@@ -98,7 +103,5 @@ def _try_int8(folder: Path, root: Path, log: Callable[[str], None]) -> None:
             fid = quantize_model(folder, options, root / "tiny-sd1-int8").fidelity
         log(f"quantize --int8: OK in {time.perf_counter() - t0:.1f} s; tiny UNet {fid['size_mb']['unet']['fp32']} -> "
             f"{fid['size_mb']['unet']['int8']} MB, image SSIM vs fp32 {fid['ssim_min']} (random weights)")
-    except ImportError as e:
-        log(f"quantize --int8: unavailable ({e.name} missing; pip install 'sd-onnx[quantize]')")
     except SdOnnxError as e:
         log(f"quantize --int8: FAIL ({e})")

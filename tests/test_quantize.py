@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -244,6 +245,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(base, int8, tmp_path, capsys, 
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     assert main(["quantize", str(base), "--int8", "--calibration-prompts", str(tmp_path / "empty.txt")]) == 2
     assert "holds no prompts" in _error_line(capsys)
+    monkeypatch.setitem(sys.modules, "sympy", None)  # the quantize extra half-installed: found before any work
+    assert main(["quantize", str(base), "--int8", "-o", str(out)]) == 2
+    assert "quantize extra (sympy is missing)" in _error_line(capsys)
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
@@ -286,7 +290,6 @@ def test_quantize_runs_without_torch(base, tmp_path):
     """quantize needs onnx and onnxruntime only: a subprocess where torch, diffusers and transformers are
     unimportable (None in sys.modules, which is also what makes importlib's find_spec report them missing)."""
     import subprocess
-    import sys
 
     code = (
         "import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "

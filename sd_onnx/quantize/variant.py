@@ -66,7 +66,7 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
     if precision == "bf16" and not options.any_cpu and not has_bf16(cpu_info()["flags"]):
         raise UsageError("this CPU has no AVX512-BF16 or AMX, so a bf16 variant would run slower than fp32 here; "
                          "make it on the machine that will run it, or pass --any-cpu to build it anyway")
-    _check_quantize_tools()
+    check_quantize_tools()
     output = Path(output) if output is not None else variant_path(base, precision)
     size = meta.get("default_size", 512)
     calib_size = options.calibration_size or max(64, size // 2 // 8 * 8)
@@ -124,14 +124,20 @@ def _components(requested: tuple[str, ...] | None, precision: str, meta: dict) -
     return tuple(dict.fromkeys(requested))
 
 
-def _check_quantize_tools() -> None:
+# What the quantize extra adds (sympy: ONNX Runtime's symbolic shape inference), and ONNX Runtime's quantizer.
+QUANTIZE_MODULES = ("onnx", "sympy", "onnxruntime.quantization")
+
+
+def check_quantize_tools() -> None:
+    """Fail before any work when the quantize extra is missing (sympy was otherwise first needed minutes in)."""
     import importlib
 
-    try:
-        for module in ("onnx", "onnxruntime.quantization"):
+    for module in QUANTIZE_MODULES:
+        try:
             importlib.import_module(module)
-    except ImportError as e:
-        raise UsageError(f"quantize needs the onnx package ({e.name} is missing): pip install 'sd-onnx[quantize]'") from None
+        except ImportError as e:
+            raise UsageError(f"quantize needs the quantize extra ({e.name or module} is missing): "
+                             "pip install 'sd-onnx[quantize]'") from None
 
 
 def _copy_unchanged(base: Path, tmp: Path, components: tuple[str, ...]) -> None:
