@@ -31,10 +31,15 @@ def installed_models() -> list[Path]:
 
 
 def _is_variant(path: Path) -> bool:
+    return "variant_of" in read_metadata(path)
+
+
+def read_metadata(folder: Path) -> dict:
+    """The folder's sd_onnx.json, or {} when it has none or it is unreadable (check_folder reports those)."""
     try:
-        return "variant_of" in json.loads((path / METADATA).read_text())
+        return json.loads((folder / METADATA).read_text())
     except (OSError, ValueError):
-        return False
+        return {}
 
 
 def find_model(model: str | Path | None) -> Path:

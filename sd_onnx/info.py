@@ -12,14 +12,15 @@ from sd_onnx.runtime.providers import ORT_DEVICES, OPENVINO_PACKAGE, cpu_info, o
 def machine_report() -> dict:
     cpu = cpu_info()
     available = ort_providers()
+    models = installed_models()
     report = {
         "cpu": cpu,
         "ram_gb": _ram_gb(),
         "onnxruntime": {"version": _version("onnxruntime"), "providers": available},
         "openvino": {"version": _version("openvino"), "devices": openvino_devices()},
         "models_dir": str(models_dir()),
-        "models": [p.name for p in installed_models()],
-        "variants": {p.name: _variants(p) for p in installed_models()},
+        "models": [p.name for p in models],
+        "variants": {p.name: _variants(p) for p in models},
         "missing": {name: f"pip install {package}" for name, (provider, package) in ORT_DEVICES.items()
                     if provider not in available},
     }

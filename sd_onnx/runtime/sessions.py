@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -95,13 +94,9 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
 
 
 def component_precision(folder: Path, component: str) -> str:
-    from sd_onnx.home import METADATA
+    from sd_onnx.home import read_metadata
 
-    try:
-        meta = json.loads((folder / METADATA).read_text())
-    except (OSError, ValueError):
-        return "fp32"
-    return meta.get("components", {}).get(component, {}).get("precision", "fp32")
+    return read_metadata(folder).get("components", {}).get(component, {}).get("precision", "fp32")
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
