@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-from timing import measure  # benchmarks/timing.py (scripts run from their folder)
+from timing import measure, run_child  # benchmarks/timing.py (scripts run from their folder)
 
 CONFIGS = {"torch": (False, "PyTorch eager fp32"), "ort-plain": (False, "ONNX Runtime defaults, plain export"),
            "openvino-plain": (False, "OpenVINO f32, plain export"), "ours-ort-cpu": (True, "sd-onnx, ONNX Runtime CPU"),
@@ -99,11 +98,10 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model", str(args.model),
                        "--plain-model", str(args.plain_model), "--repeats", str(args.repeats),
                        "--child", config, component]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"{component} {config}: failed\n{proc.stderr[-1000:]}", file=sys.stderr)
+                result = run_child(cmd, f"{component} {config}")
+                if result is None:
                     continue
-                results.setdefault((component, config), []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                results.setdefault((component, config), []).append(result)
                 print(f"  {component} {config}: {results[(component, config)][-1]['times']}", file=sys.stderr)
     for component in COMPONENTS:
         medians = {c: statistics.median(t for r in results[(component, c)] for t in r["times"])

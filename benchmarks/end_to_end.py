@@ -22,7 +22,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -30,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from timing import run_child  # benchmarks/timing.py (scripts run from their folder)
 
 PROMPT, NEGATIVE, STEPS, SEED, CFG = "a black house cat typing on a computer", "blurry", 20, 1, 7.0
 CONFIGS = {
@@ -174,11 +174,10 @@ def main() -> None:
         for name in names:
             cmd = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model", str(args.model),
                    "--plain-model", str(args.plain_model), "--workdir", str(args.workdir), "--child", name]
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{name}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+            result = run_child(cmd, name)
+            if result is None:
                 continue
-            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs[name].append(result)
             print(f"  round {round_no + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
     medians = {n: statistics.median(r["total_s"] for r in rs) for n, rs in runs.items() if rs}
     best_peer = min((m for n, m in medians.items() if not CONFIGS[n][0]), default=float("nan"))

@@ -1,8 +1,12 @@
-"""Shared by the benchmark scripts: time a callable after building it, the way every child process does."""
+"""Shared by the benchmark scripts: time a callable after building it, the way every child process does, and run
+such a child."""
 
 from __future__ import annotations
 
+import json
 import resource
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -25,3 +29,13 @@ def measure(build: Callable[[], Callable[[], object]], warmup: int = 1, repeats:
         times.append(time.perf_counter() - t0)
     return {"load_s": load, "first_s": first, "times": times,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_child(cmd: list[str], label: str) -> dict | None:
+    """Run one configuration's child process; its last stdout line is its JSON result. A failure is reported with
+    the end of its stderr and gives None, so one broken configuration does not end an hour-long run."""
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{label}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from timing import measure  # benchmarks/timing.py (scripts run from their folder)
+from timing import measure, run_child  # benchmarks/timing.py (scripts run from their folder)
 
 STEP_TFLOP = 1.354  # SD 1.5 UNet, batch 2, 64x64 latent, 77 tokens (shared/MEASUREMENTS.md)
 CONFIGS = {
@@ -132,10 +132,6 @@ def matmul_peaks(m: int = 8192, k: int = 1280, n: int = 1280, repeats: int = 5) 
     return {"fp32": fp32, "int8": int8}
 
 
-def unet_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in (folder / "unet").iterdir() if f.is_file()) / 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="full-size LDM checkpoint (make_checkpoint.py)")
@@ -162,6 +158,8 @@ def main() -> None:
             print(f"  {name}: skipped (no {needs(name)} model folder; see --help)", file=sys.stderr)
             continue
         names.append(name)
+    from sd_onnx.quantize.fidelity import component_sizes
+
     peaks = {"before": matmul_peaks()}
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for round_no in range(args.rounds):
@@ -169,11 +167,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model", str(args.model),
                    "--folder", str(paths[needs(name)]), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                    "--child", name]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{name}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+            result = run_child(cmd, name)
+            if result is None:
                 continue
-            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs[name].append(result)
             # this machine's speed drifts by up to 30% within a run: probe the peak right after each configuration,
             # in a process of its own, so nothing the configuration left behind shares the CPU with it
             probe = subprocess.run([sys.executable, __file__, "--checkpoint", "-", "--model", "-", "--child",
@@ -184,7 +181,8 @@ def main() -> None:
     print(f"matmul peak, measured before/after: fp32 {peaks['before']['fp32']:.0f}/{peaks['after']['fp32']:.0f} "
           f"GFLOP/s, u8s8 {peaks['before']['int8']:.0f}/{peaks['after']['int8']:.0f} GOP/s; \"of matmul peak\" uses "
           "the best probe taken right after that configuration's own steps")
-    sizes = {p: round(unet_mb(f), 1) for p, f in paths.items() if f is not None and (f / "unet").is_dir()}
+    sizes = {p: round(component_sizes(f, ["unet"])["unet"], 1) for p, f in paths.items()
+             if f is not None and (f / "unet").is_dir()}
     print("UNet size MB: " + ", ".join(f"{p} {s}" for p, s in sizes.items()))
     medians = {n: statistics.median(t for r in rs for t in r["times"]) for n, rs in runs.items() if rs}
     peers = [m for n, m in medians.items() if not CONFIGS[n][0]]
