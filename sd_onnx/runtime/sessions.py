@@ -10,7 +10,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sd_onnx.errors import ModelFolderError, SdOnnxError, first_line
+from sd_onnx.runtime import ort_cache
+from sd_onnx.runtime.ort_cache import OptimizedModelCache
 from sd_onnx.runtime.providers import Device, usable_cores
+
+NOTICE_BYTES = 100 << 20  # a model this large takes seconds to optimize: say why the first start is slow
 
 
 class Session(Protocol):
@@ -21,7 +25,36 @@ class Session(Protocol):
 
 class OrtSession:
     def __init__(self, path: Path, device: Device, threads: int | None = None, full_optimization: bool = True,
-                 low_memory: bool = False):
+                 low_memory: bool = False, cache: OptimizedModelCache | None = None):
+        """`cache`: load the graph ONNX Runtime optimized at an earlier start, or save it for the next one."""
+        cached = cache.lookup(path) if cache else None
+        staged = cache.staging(path) if cache and not cached else None
+        if cache and not cached and staged is None:
+            print(f"sd-onnx: warning: no room in {cache.root} to keep {path.parent.name}'s optimized graph; "
+                  "it is optimized again at every start", file=sys.stderr)
+        elif staged and _weights_size(path) > NOTICE_BYTES:
+            print(f"sd-onnx: optimizing {path.parent.name} for this CPU, once (kept in {cache.root})", file=sys.stderr)
+        try:
+            self._session = self._open(cached or path, device, threads, full_optimization, low_memory, staged)
+        except SdOnnxError:
+            if not (cached or staged):
+                raise
+            # A damaged cache entry, or a disk that filled while saving: the source model alone decides.
+            cache.discard(staged or cached.parent)
+            self._session = self._open(path, device, threads, full_optimization, low_memory, None)
+            staged = None
+        if staged:
+            cache.commit(path, staged)
+        used = self._session.get_providers()
+        if device.providers and used[0] != device.providers[0]:
+            print(f"sd-onnx: warning: {device.providers[0]} failed to load {path.parent.name}; "
+                  f"running on {used[0]}", file=sys.stderr)
+        self.input_types = {i.name: i.type for i in self._session.get_inputs()}
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    @staticmethod
+    def _open(path: Path, device: Device, threads: int | None, full_optimization: bool, low_memory: bool,
+              save_to: Path | None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -31,16 +64,14 @@ class OrtSession:
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         options.intra_op_num_threads = threads or usable_cores()
         options.log_severity_level = 3
+        if save_to is not None:
+            options.optimized_model_filepath = str(save_to / ort_cache.MODEL)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", ort_cache.DATA)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=list(device.providers))
+            return ort.InferenceSession(str(path), options, providers=list(device.providers))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
             raise SdOnnxError(f"{path}: ONNX Runtime cannot load it ({first_line(e, 300)})") from None
-        used = self._session.get_providers()
-        if device.providers and used[0] != device.providers[0]:
-            print(f"sd-onnx: warning: {device.providers[0]} failed to load {path.parent.name}; "
-                  f"running on {used[0]}", file=sys.stderr)
-        self.input_types = {i.name: i.type for i in self._session.get_inputs()}
-        self._outputs = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
         return self._session.run(self._outputs, cast_feeds(feeds, self.input_types))
@@ -81,16 +112,39 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
         from sd_onnx.home import home
 
         hint = "bf16" if component_precision(folder, component) == "bf16" else "f32"
-        return OpenVinoSession(path, device, threads, cache_dir=home() / "cache" / "openvino", precision=hint)
+        cache_dir = None if no_cache() else home() / "cache" / "openvino"
+        return OpenVinoSession(path, device, threads, cache_dir=cache_dir, precision=hint)
     cpu_only = tuple(device.providers) == ("CPUExecutionProvider",)
-    # ORT_ENABLE_ALL adds the CPU's NCHWc layout rewrites. Measured at full size: the VAE decoder runs 14% faster
-    # with them (15.4 vs 17.8 s), but for the UNet they cost 8.7 s at every start (9.9 vs 1.2 s) for 1-5% per
-    # step (runs disagree): even at 20 steps end to end (239.5 vs 239.2 s), a loss for shorter runs.
+    # On the CPU, ORT_ENABLE_ALL adds the NCHWc layout rewrites: measured at full size, the VAE decoder runs 14%
+    # faster with them (15.4 vs 17.8 s) and the UNet 4-7% per step (10.2-10.5 vs 10.5-12.1 s), but for the UNet
+    # the rewrite costs 9 s at every start (10.5 vs 1.3 s). The optimized graph is therefore kept on disk and
+    # loaded at later starts (1.2 s): see ort_cache.
     # An int8 UNet is chosen to save memory, and its arena is most of what it holds beyond the 0.87 GB of weights:
     # without it the step peak went 2.19 -> 1.89 GB for 0-4% more time (two alternating full-size runs each).
+    # ORT_ENABLE_ALL gave it nothing (8.14 vs 7.67 s, alternating), so it keeps ORT_ENABLE_EXTENDED and no cache.
     int8_unet = component == "unet" and component_precision(folder, component) == "int8"
-    return OrtSession(path, device, threads, full_optimization=not (cpu_only and component == "unet"),
-                      low_memory=low_memory or int8_unet)
+    cache = (OptimizedModelCache(optimized_cache_dir(), device.providers)
+             if cpu_only and not int8_unet and not no_cache() else None)
+    return OrtSession(path, device, threads, full_optimization=not int8_unet or not cpu_only,
+                      low_memory=low_memory or int8_unet, cache=cache)
+
+
+def optimized_cache_dir() -> Path:
+    from sd_onnx.home import home
+
+    return home() / "cache" / "onnxruntime"
+
+
+def no_cache() -> bool:
+    """SD_ONNX_NO_CACHE=1: neither runtime keeps a cache (a read-only or small home: the optimized copy of an fp32
+    UNet takes 3.4 GB)."""
+    import os
+
+    return os.environ.get("SD_ONNX_NO_CACHE", "") not in ("", "0")
+
+
+def _weights_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
 
 
 def component_precision(folder: Path, component: str) -> str:
