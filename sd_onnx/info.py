@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from sd_onnx.errors import SdOnnxError
-from sd_onnx.home import installed_models, models_dir
+from sd_onnx.home import home, installed_models, models_dir
 from sd_onnx.runtime.providers import ORT_DEVICES, OPENVINO_PACKAGE, cpu_info, openvino_devices, ort_providers, resolve_device
 
 
@@ -21,6 +21,8 @@ def machine_report() -> dict:
         "models_dir": str(models_dir()),
         "models": [p.name for p in models],
         "variants": {p.name: _variants(p) for p in models},
+        "cache_dir": str(home() / "cache"),
+        "cache_gb": _folder_size(home() / "cache") / 1e9,
         "missing": {name: f"pip install {package}" for name, (provider, package) in ORT_DEVICES.items()
                     if provider not in available},
     }
@@ -47,6 +49,8 @@ def format_report(r: dict) -> str:
         f"openvino:    {r['openvino']['version'] or 'not installed'} ({', '.join(r['openvino']['devices']) or 'no devices'})",
         f"models:      {', '.join(_with_variants(m, r['variants'].get(m, [])) for m in r['models']) or 'none'} "
         f"in {r['models_dir']}",
+        f"caches:      {r['cache_gb']:.2f} GB in {r['cache_dir']} (optimized graphs; safe to delete, "
+        "SD_ONNX_NO_CACHE=1 keeps none)",
         f"--device auto: {r['auto']['device']} ({r['auto']['reason']})",
     ]
     if r.get("note"):
@@ -65,6 +69,13 @@ def _variants(model) -> list[str]:
 
 def _with_variants(name: str, variants: list[str]) -> str:
     return f"{name} (+{', '.join(variants)})" if variants else name
+
+
+def _folder_size(folder) -> int:
+    try:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    except OSError:  # a file removed while counting
+        return 0
 
 
 def _version(module: str) -> str | None:

@@ -129,3 +129,14 @@ def test_each_component_gets_its_own_entry_and_an_int8_unet_none(home, model):
     session = open_session(model, "unet", cpu)
     assert loaded_from(session) == model / "unet" / "model.onnx"
     assert entries() == []
+
+
+def test_info_reports_what_the_caches_hold(home, model):
+    from sd_onnx.info import format_report, machine_report
+
+    assert machine_report()["cache_gb"] == 0
+    open_session(model, "unet", resolve_device("cpu"))
+    [entry] = entries()
+    report = machine_report()
+    assert report["cache_gb"] == pytest.approx(sum(p.stat().st_size for p in entry.iterdir()) / 1e9)
+    assert f"in {home / 'cache'}" in format_report(report)
