@@ -27,6 +27,11 @@ HEADROOM = 256 << 20  # bytes kept free on the cache's disk beyond the entry its
 STALE_STAGING_S = 24 * 3600  # a staging folder this old was left by a process that died while saving
 
 
+def source_bytes(source: Path) -> int:
+    """What the model's folder holds (its graph and external weights): about what its saved optimized copy takes."""
+    return sum(p.stat().st_size for p in source.resolve().parent.iterdir() if p.is_file())
+
+
 class OptimizedModelCache:
     def __init__(self, root: Path, providers: tuple[str, ...]):
         self.root = root
@@ -58,8 +63,9 @@ class OptimizedModelCache:
         return None
 
     def staging(self, source: Path) -> Path | None:
-        """A fresh folder to save the optimized model of `source` in, or None when the disk has no room for it."""
-        need = sum(p.stat().st_size for p in source.resolve().parent.iterdir() if p.is_file()) + HEADROOM
+        """A fresh folder to save the optimized model of `source` in, or None when the disk has no room for it or
+        the cache folder cannot be written."""
+        need = source_bytes(source) + HEADROOM
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if shutil.disk_usage(self.root).free < need:

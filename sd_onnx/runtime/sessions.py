@@ -30,9 +30,9 @@ class OrtSession:
         cached = cache.lookup(path) if cache else None
         staged = cache.staging(path) if cache and not cached else None
         if cache and not cached and staged is None:
-            print(f"sd-onnx: warning: no room in {cache.root} to keep {path.parent.name}'s optimized graph; "
-                  "it is optimized again at every start", file=sys.stderr)
-        elif staged and _weights_size(path) > NOTICE_BYTES:
+            print(f"sd-onnx: warning: cannot keep {path.parent.name}'s optimized graph in {cache.root} (no room on "
+                  "its disk, or not writable); it is optimized again at every start", file=sys.stderr)
+        elif staged and ort_cache.source_bytes(path) > NOTICE_BYTES:
             print(f"sd-onnx: optimizing {path.parent.name} for this CPU, once (kept in {cache.root})", file=sys.stderr)
         try:
             self._session = self._open(cached or path, device, threads, full_optimization, low_memory, staged)
@@ -116,7 +116,7 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
         return OpenVinoSession(path, device, threads, cache_dir=cache_dir, precision=hint)
     cpu_only = tuple(device.providers) == ("CPUExecutionProvider",)
     # On the CPU, ORT_ENABLE_ALL adds the NCHWc layout rewrites: measured at full size, the VAE decoder runs 14%
-    # faster with them (15.4 vs 17.8 s) and the UNet 4-7% per step (10.2-10.5 vs 10.5-12.1 s), but for the UNet
+    # faster with them (15.4 vs 17.8 s) and the UNet 6-9% per step (interleaved, docs/benchmarks.md), but for the UNet
     # the rewrite costs 9 s at every start (10.5 vs 1.3 s). The optimized graph is therefore kept on disk and
     # loaded at later starts (1.2 s): see ort_cache.
     # An int8 UNet is chosen to save memory, and its arena is most of what it holds beyond the 0.87 GB of weights:
@@ -141,10 +141,6 @@ def no_cache() -> bool:
     import os
 
     return os.environ.get("SD_ONNX_NO_CACHE", "") not in ("", "0")
-
-
-def _weights_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
 
 
 def component_precision(folder: Path, component: str) -> str:
