@@ -27,9 +27,9 @@ HEADROOM = 256 << 20  # bytes kept free on the cache's disk beyond the entry its
 STALE_STAGING_S = 24 * 3600  # a staging folder this old was left by a process that died while saving
 
 
-def source_bytes(source: Path) -> int:
-    """What the model's folder holds (its graph and external weights): about what its saved optimized copy takes."""
-    return sum(p.stat().st_size for p in source.resolve().parent.iterdir() if p.is_file())
+def source_bytes(stamp: dict) -> int:
+    """What the stamped model's folder holds (graph and external weights): about what its optimized copy takes."""
+    return sum(size for size, _ in stamp["files"].values())
 
 
 class OptimizedModelCache:
@@ -37,11 +37,13 @@ class OptimizedModelCache:
         self.root = root
         self.providers = tuple(providers)
 
-    def entry(self, source: Path) -> Path:
-        key = f"{source.resolve()}|{','.join(self.providers)}"
+    def entry(self, stamp: dict) -> Path:
+        key = f"{stamp['source']}|{','.join(self.providers)}"
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def stamp(self, source: Path) -> dict:
+        """What an entry must match to stand for `source`: taken once per start, before ONNX Runtime reads the files,
+        so a model changed while it is being optimized is not stamped with its new files."""
         import onnxruntime
 
         from sd_onnx.runtime.providers import cpu_info
@@ -52,35 +54,35 @@ class OptimizedModelCache:
         return {"source": str(source.resolve()), "files": files, "onnxruntime": onnxruntime.__version__,
                 "cpu": [cpu["model"], *cpu["flags"]], "providers": list(self.providers)}
 
-    def lookup(self, source: Path) -> Path | None:
-        """The cached optimized model of `source`, or None when there is none or it is stale."""
-        entry = self.entry(source)
+    def lookup(self, stamp: dict) -> Path | None:
+        """The cached optimized model of the stamped source, or None when there is none or it is stale."""
+        entry = self.entry(stamp)
         try:
-            if json.loads((entry / STAMP).read_text()) == self.stamp(source) and (entry / MODEL).is_file():
+            if json.loads((entry / STAMP).read_text()) == stamp and (entry / MODEL).is_file():
                 return entry / MODEL
         except (OSError, ValueError):
             pass
         return None
 
-    def staging(self, source: Path) -> Path | None:
-        """A fresh folder to save the optimized model of `source` in, or None when the disk has no room for it or
-        the cache folder cannot be written."""
-        need = source_bytes(source) + HEADROOM
+    def staging(self, stamp: dict) -> Path | None:
+        """A fresh folder to save the optimized model of the stamped source in, or None when the disk has no room
+        for it or the cache folder cannot be written."""
+        need = source_bytes(stamp) + HEADROOM
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             if shutil.disk_usage(self.root).free < need:
                 return None
-            folder = self.root / f".staging-{self.entry(source).name}-{os.getpid()}"
+            folder = self.root / f".staging-{self.entry(stamp).name}-{os.getpid()}"
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
         except OSError:
             return None
         return folder
 
-    def commit(self, source: Path, staged: Path) -> Path:
+    def commit(self, staged: Path, stamp: dict) -> Path:
         """Stamp the staged folder and move it into place (replacing a stale entry); the cached model's path."""
-        (staged / STAMP).write_text(json.dumps(self.stamp(source), indent=1))
-        entry = self.entry(source)
+        (staged / STAMP).write_text(json.dumps(stamp, indent=1))
+        entry = self.entry(stamp)
         shutil.rmtree(entry, ignore_errors=True)
         try:
             staged.rename(entry)

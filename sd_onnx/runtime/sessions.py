@@ -27,12 +27,13 @@ class OrtSession:
     def __init__(self, path: Path, device: Device, threads: int | None = None, full_optimization: bool = True,
                  low_memory: bool = False, cache: OptimizedModelCache | None = None):
         """`cache`: load the graph ONNX Runtime optimized at an earlier start, or save it for the next one."""
-        cached = cache.lookup(path) if cache else None
-        staged = cache.staging(path) if cache and not cached else None
+        stamp = cache.stamp(path) if cache else None
+        cached = cache.lookup(stamp) if cache else None
+        staged = cache.staging(stamp) if cache and not cached else None
         if cache and not cached and staged is None:
             print(f"sd-onnx: warning: cannot keep {path.parent.name}'s optimized graph in {cache.root} (no room on "
                   "its disk, or not writable); it is optimized again at every start", file=sys.stderr)
-        elif staged and ort_cache.source_bytes(path) > NOTICE_BYTES:
+        elif staged and ort_cache.source_bytes(stamp) > NOTICE_BYTES:
             print(f"sd-onnx: optimizing {path.parent.name} for this CPU, once (kept in {cache.root})", file=sys.stderr)
         try:
             self._session = self._open(cached or path, device, threads, full_optimization, low_memory, staged)
@@ -44,7 +45,7 @@ class OrtSession:
             self._session = self._open(path, device, threads, full_optimization, low_memory, None)
             staged = None
         if staged:
-            cache.commit(path, staged)
+            cache.commit(staged, stamp)
         used = self._session.get_providers()
         if device.providers and used[0] != device.providers[0]:
             print(f"sd-onnx: warning: {device.providers[0]} failed to load {path.parent.name}; "
