@@ -21,6 +21,19 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+def cache_dir() -> Path:
+    """The runtimes' caches (optimized or compiled graphs): safe to delete, rebuilt at the next start."""
+    return home() / "cache"
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder` (0 when it is missing)."""
+    try:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    except OSError:  # a file removed while counting
+        return 0
+
+
 def installed_models() -> list[Path]:
     """Model folders under models_dir(); precision variants (made by `sd-onnx quantize`) go with their original."""
     root = models_dir()

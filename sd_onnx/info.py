@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from sd_onnx.errors import SdOnnxError
-from sd_onnx.home import home, installed_models, models_dir
+from sd_onnx.home import cache_dir, folder_bytes, installed_models, models_dir
 from sd_onnx.runtime.providers import ORT_DEVICES, OPENVINO_PACKAGE, cpu_info, openvino_devices, ort_providers, resolve_device
 
 
@@ -21,8 +21,8 @@ def machine_report() -> dict:
         "models_dir": str(models_dir()),
         "models": [p.name for p in models],
         "variants": {p.name: _variants(p) for p in models},
-        "cache_dir": str(home() / "cache"),
-        "cache_gb": _folder_size(home() / "cache") / 1e9,
+        "cache_dir": str(cache_dir()),
+        "cache_gb": folder_bytes(cache_dir()) / 1e9,
         "missing": {name: f"pip install {package}" for name, (provider, package) in ORT_DEVICES.items()
                     if provider not in available},
     }
@@ -69,13 +69,6 @@ def _variants(model) -> list[str]:
 
 def _with_variants(name: str, variants: list[str]) -> str:
     return f"{name} (+{', '.join(variants)})" if variants else name
-
-
-def _folder_size(folder) -> int:
-    try:
-        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    except OSError:  # a file removed while counting
-        return 0
 
 
 def _version(module: str) -> str | None:

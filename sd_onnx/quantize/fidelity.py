@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sd_onnx.home import folder_bytes
 from sd_onnx.quantize.calibration import SAMPLER
 from sd_onnx.quantize.metrics import cosine, psnr, ssim
 
 
 def component_sizes(folder: Path, components) -> dict[str, float]:
     """MB on disk per component folder."""
-    return {c: round(sum(f.stat().st_size for f in (folder / c).iterdir() if f.is_file()) / 1e6, 2)
-            for c in components}
+    return {c: round(folder_bytes(folder / c) / 1e6, 2) for c in components}
 
 
 def compare(base: Path, variant: Path, precision: str, prompts: list[str], steps: int, size: int,

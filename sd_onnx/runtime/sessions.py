@@ -110,11 +110,11 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
     if not path.is_file():
         raise ModelFolderError(f"{folder} has no {component}/model.onnx")
     if device.backend == "openvino":
-        from sd_onnx.home import home
+        from sd_onnx.home import cache_dir
 
         hint = "bf16" if component_precision(folder, component) == "bf16" else "f32"
-        cache_dir = None if no_cache() else home() / "cache" / "openvino"
-        return OpenVinoSession(path, device, threads, cache_dir=cache_dir, precision=hint)
+        return OpenVinoSession(path, device, threads, cache_dir=None if no_cache() else cache_dir() / "openvino",
+                               precision=hint)
     cpu_only = tuple(device.providers) == ("CPUExecutionProvider",)
     # On the CPU, ORT_ENABLE_ALL adds the NCHWc layout rewrites: measured at full size, the VAE decoder runs 14%
     # faster with them (15.4 vs 17.8 s) and the UNet 6-9% per step (interleaved, docs/benchmarks.md), but for the UNet
@@ -131,9 +131,9 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
 
 
 def optimized_cache_dir() -> Path:
-    from sd_onnx.home import home
+    from sd_onnx.home import cache_dir
 
-    return home() / "cache" / "onnxruntime"
+    return cache_dir() / "onnxruntime"
 
 
 def no_cache() -> bool:
