@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from timing import run_child  # benchmarks/timing.py (scripts run from their folder)
+from timing import HOME_HELP, bench_home, run_child  # benchmarks/timing.py (scripts run from their folder)
 
 PROMPT, NEGATIVE, STEPS, SEED, CFG = "a black house cat typing on a computer", "blurry", 20, 1, 7.0
 CONFIGS = {
@@ -176,8 +174,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sd-onnx-e2e"))
-    parser.add_argument("--home", type=Path, help="$SD_ONNX_HOME for our configurations (default: a fresh temporary "
-                        "folder, removed at the end)")
+    parser.add_argument("--home", type=Path, help=HOME_HELP)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     folders = {None: None, "plain": args.plain_model, "fp32": args.model,
@@ -191,11 +188,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.checkpoint, folders[CONFIGS[args.child][2]], args.workdir)))
         return
     names = [n for n in args.configs.split(",") if folders[CONFIGS[n][2]] is None or folders[CONFIGS[n][2]].is_dir()]
-    scratch = None
-    if args.home is None:
-        scratch = tempfile.TemporaryDirectory(prefix="sd-onnx-bench-home-")
-        args.home = Path(scratch.name)
-    os.environ["SD_ONNX_HOME"] = str(args.home)  # inherited by every child
+    bench_home(args.home)
     command = lambda child: [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model",  # noqa: E731
                              str(args.model), "--plain-model", str(args.plain_model), "--workdir", str(args.workdir),
                              "--child", child]
@@ -224,8 +217,6 @@ def main() -> None:
         print(f"| {CONFIGS[name][1]} | {med:.1f} | {med / best_peer:.2f}x | {mid('build_s'):.1f} | "
               f"{mid('first_step_s'):.1f} | {mid('step_median_s'):.2f} | {mid('decode_s'):.1f} | "
               f"{max(r['peak_rss_gb'] for r in rs):.2f} | {first_start.get(name, float('nan')):.1f} |")
-    if scratch is not None:
-        scratch.cleanup()
 
 
 if __name__ == "__main__":

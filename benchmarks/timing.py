@@ -4,11 +4,17 @@ such a child."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
+
+HOME_HELP = "$SD_ONNX_HOME for our configurations (default: a fresh temporary folder, removed at the end)"
+_scratch: list[tempfile.TemporaryDirectory] = []
 
 
 def measure(build: Callable[[], Callable[[], object]], warmup: int = 1, repeats: int = 3) -> dict:
@@ -39,3 +45,13 @@ def run_child(cmd: list[str], label: str) -> dict | None:
         print(f"{label}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_home(home: Path | None) -> Path:
+    """Point $SD_ONNX_HOME, for this process and every child it runs, at `home`, or at a fresh temporary folder
+    (removed when this process exits), so our configurations start with the runtimes' caches empty."""
+    if home is None:
+        _scratch.append(tempfile.TemporaryDirectory(prefix="sd-onnx-bench-home-"))
+        home = Path(_scratch[-1].name)
+    os.environ["SD_ONNX_HOME"] = str(home)
+    return home

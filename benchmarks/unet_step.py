@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from timing import measure, run_child  # benchmarks/timing.py (scripts run from their folder)
+from timing import HOME_HELP, bench_home, measure, run_child  # benchmarks/timing.py (scripts run from their folder)
 
 STEP_TFLOP = 1.354  # SD 1.5 UNet, batch 2, 64x64 latent, 77 tokens (shared/MEASUREMENTS.md)
 CONFIGS = {
@@ -150,8 +148,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all configurations")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per configuration and round")
-    parser.add_argument("--home", type=Path, help="$SD_ONNX_HOME for our configurations (default: a fresh temporary "
-                        "folder, removed at the end)")
+    parser.add_argument("--home", type=Path, help=HOME_HELP)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,11 +168,7 @@ def main() -> None:
         names.append(name)
     from sd_onnx.quantize.fidelity import component_sizes
 
-    scratch = None
-    if args.home is None:
-        scratch = tempfile.TemporaryDirectory(prefix="sd-onnx-bench-home-")
-        args.home = Path(scratch.name)
-    os.environ["SD_ONNX_HOME"] = str(args.home)  # inherited by every child
+    bench_home(args.home)
     peaks = {"before": matmul_peaks()}
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for round_no in range(args.rounds):
@@ -216,8 +209,6 @@ def main() -> None:
               f"| {rs[0]['load_s']:.1f} | {later(r['load_s'] for r in rs[1:])} "
               f"| {statistics.median(r['first_s'] for r in rs):.1f} "
               f"| {max(r['peak_rss_gb'] for r in rs):.2f} |")
-    if scratch is not None:
-        scratch.cleanup()
 
 
 def later(values) -> str:
