@@ -14,15 +14,10 @@ FAMILIES = ("sd1", "sd2", "sd2-v")
 def private_home(tmp_path_factory):
     """The test session gets a private $SD_ONNX_HOME: the runtimes' caches and installed models stay out of the
     user's home (tests that need another home set their own)."""
-    import os
-
-    saved = os.environ.get("SD_ONNX_HOME")
-    os.environ["SD_ONNX_HOME"] = str(tmp_path_factory.mktemp("home"))
-    yield Path(os.environ["SD_ONNX_HOME"])
-    if saved is None:
-        os.environ.pop("SD_ONNX_HOME", None)
-    else:
-        os.environ["SD_ONNX_HOME"] = saved
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SD_ONNX_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(scope="session")
