@@ -5,7 +5,9 @@ Each configuration runs in its own process (clean peak RSS, no shared caches). R
 runs every configuration, then round 2 ...), so a slow minute on a shared machine touches all of them; the table
 gives the median and min over all timed steps, the ratio to the fastest peer, GFLOP/s and the fraction of this
 CPU's matmul peak (fp32 for float paths, u8s8 for int8), probed in a separate process right after each
-configuration's steps, since the machine's speed drifts within a run.
+configuration's steps, since the machine's speed drifts within a run. The step's FLOPs are counted by PyTorch's
+FlopCounterMode on the model's own diffusers config (1.607 TFLOP for SD 1.5), and also without the attention
+products (1.354, the count issue #6 and shared/MEASUREMENTS.md used).
     python benchmarks/unet_step.py --checkpoint /tmp/bench/sd15-random.safetensors --model /tmp/bench/sd15 \\
         --plain-model /tmp/bench/sd15-plain
 Variants are looked up beside --model as <model>-int8 and <model>-bf16 (sd-onnx quantize writes them there).
@@ -27,7 +29,6 @@ from pathlib import Path
 import numpy as np
 from timing import HOME_HELP, bench_home, measure, run_child  # benchmarks/timing.py (scripts run from their folder)
 
-STEP_TFLOP = 1.354  # SD 1.5 UNet, batch 2, 64x64 latent, 77 tokens (shared/MEASUREMENTS.md)
 CONFIGS = {
     # name: (is ours, description, precision of its arithmetic for the peak comparison)
     "torch-fp32": (False, "PyTorch eager fp32 (diffusers UNet2DConditionModel)", "fp32"),
@@ -48,6 +49,25 @@ def inputs(seed: int = 0):
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((2, 4, 64, 64), dtype=np.float32), np.array([500.0, 500.0], dtype=np.float32),
             rng.standard_normal((2, 77, 768), dtype=np.float32))
+
+
+def step_flops(folder: Path) -> dict[str, float]:
+    """FLOPs of one step (inputs() above) of the UNet whose diffusers config the export wrote, counted by PyTorch's
+    FlopCounterMode on the meta device (no weights, no compute): all of them, and without the attention products
+    (QK^T and PV, the bmm), which is how shared/MEASUREMENTS.md and issue #6 counted their 1.354 TFLOP."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        sample, t, ctx = (torch.from_numpy(a).to("meta") for a in inputs())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(sample, t, ctx)
+    counts = counter.get_flop_counts()["Global"]
+    total = counter.get_total_flops()
+    return {"all": total, "no_attention": total - counts.get(torch.ops.aten.bmm, 0)}
 
 
 def folders(args) -> dict[str, Path | None]:
@@ -108,8 +128,10 @@ def child(name: str, checkpoint: Path, folder: Path, warmup: int, repeats: int) 
     return {"name": name, **measure(lambda: make_runner(name, checkpoint, folder), warmup, repeats)}
 
 
-def matmul_peaks(m: int = 8192, k: int = 1280, n: int = 1280, repeats: int = 5) -> dict[str, float]:
-    """This CPU's attainable GFLOP/s on one large matmul: fp32 (MLAS SGEMM) and u8s8 (MLAS QGEMM), 2 threads."""
+def matmul_peaks(repeats: int = 5) -> dict[str, float]:
+    """This CPU's attainable rate on large matmuls, 2 threads: fp32 (MLAS SGEMM) the best of three shapes (one
+    shape alone reads up to 10% low: 8192x1280x1280 gave 128-142 GFLOP/s beside 2048^3's 153-159), u8s8 (MLAS
+    QGEMM) on 8192x1280x1280."""
     import onnxruntime as ort
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
@@ -117,6 +139,7 @@ def matmul_peaks(m: int = 8192, k: int = 1280, n: int = 1280, repeats: int = 5) 
     rng = np.random.default_rng(0)
 
     def best(op, x_type, x, w, extra=()):
+        m, k, n = x.shape[0], x.shape[1], w.shape[1]
         graph = helper.make_graph([helper.make_node(op, ["x", "w", *[e.name for e in extra]], ["y"])], "g",
                                   [helper.make_tensor_value_info("x", x_type, [m, k])],
                                   [helper.make_tensor_value_info("y", T.INT32 if op == "MatMulInteger" else T.FLOAT,
@@ -132,10 +155,12 @@ def matmul_peaks(m: int = 8192, k: int = 1280, n: int = 1280, repeats: int = 5) 
             times.append(time.perf_counter() - t0)
         return 2 * m * k * n / min(times) / 1e9
 
-    fp32 = best("MatMul", T.FLOAT, rng.standard_normal((m, k), dtype=np.float32),
-                rng.standard_normal((k, n), dtype=np.float32))
-    int8 = best("MatMulInteger", T.UINT8, rng.integers(0, 255, (m, k), dtype=np.uint8),
-                rng.integers(-64, 64, (k, n), dtype=np.int8), [numpy_helper.from_array(np.array(128, np.uint8), "z")])
+    fp32 = max(best("MatMul", T.FLOAT, rng.standard_normal((m, k), dtype=np.float32),
+                    rng.standard_normal((k, n), dtype=np.float32))
+               for m, k, n in ((8192, 1280, 1280), (2048, 2048, 2048), (4096, 4096, 4096)))
+    int8 = best("MatMulInteger", T.UINT8, rng.integers(0, 255, (8192, 1280), dtype=np.uint8),
+                rng.integers(-64, 64, (1280, 1280), dtype=np.int8),
+                [numpy_helper.from_array(np.array(128, np.uint8), "z")])
     return {"fp32": fp32, "int8": int8}
 
 
@@ -168,6 +193,7 @@ def main() -> None:
         names.append(name)
     from sd_onnx.quantize.fidelity import component_sizes
 
+    flops = step_flops(args.model)
     bench_home(args.home)
     peaks = {"before": matmul_peaks()}
     runs: dict[str, list[dict]] = {n: [] for n in names}
@@ -190,6 +216,9 @@ def main() -> None:
     print(f"matmul peak, measured before/after: fp32 {peaks['before']['fp32']:.0f}/{peaks['after']['fp32']:.0f} "
           f"GFLOP/s, u8s8 {peaks['before']['int8']:.0f}/{peaks['after']['int8']:.0f} GOP/s; \"of matmul peak\" uses "
           "the best probe taken right after that configuration's own steps")
+    print(f"one step: {flops['all'] / 1e12:.3f} TFLOP counted by PyTorch's FlopCounterMode, "
+          f"{flops['no_attention'] / 1e12:.3f} without the attention products (issue #6's count); GFLOP/s and "
+          "\"of matmul peak\" use the full count, the next column the issue's")
     sizes = {p: round(component_sizes(f, ["unet"])["unet"], 1) for p, f in paths.items()
              if f is not None and (f / "unet").is_dir()}
     print("UNet size MB: " + ", ".join(f"{p} {s}" for p, s in sizes.items()))
@@ -197,15 +226,16 @@ def main() -> None:
     peers = [m for n, m in medians.items() if not CONFIGS[n][0]]
     best_peer = min(peers) if peers else float("nan")
     print("| configuration | median s | min s | vs fastest peer | GFLOP/s | matmul peak beside it | of matmul peak "
-          "| load s, round 1 | load s, later rounds | first step s | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| of peak, without attention | load s, round 1 | load s, later rounds | first step s | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, med in medians.items():
         rs = runs[name]
-        gflops = STEP_TFLOP * 1000 / med
+        gflops = flops["all"] / 1e9 / med
         kind = "int8" if CONFIGS[name][2] == "int8" else "fp32"  # no BF16 hardware here: bf16 is held to fp32's
         beside = max(r["peak"][kind] for r in rs)
         print(f"| {CONFIGS[name][1]} | {med:.2f} | {min(t for r in rs for t in r['times']):.2f} | "
               f"{med / best_peer:.2f}x | {gflops:.0f} | {beside:.0f} | {gflops / beside:.0%} "
+              f"| {flops['no_attention'] / 1e9 / med / beside:.0%} "
               f"| {rs[0]['load_s']:.1f} | {later(r['load_s'] for r in rs[1:])} "
               f"| {statistics.median(r['first_s'] for r in rs):.1f} "
               f"| {max(r['peak_rss_gb'] for r in rs):.2f} |")
