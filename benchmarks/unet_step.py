@@ -180,6 +180,9 @@ def main() -> None:
     if args.child == "matmul-peak":
         print(json.dumps(matmul_peaks()))
         return
+    if args.child == "step-flops":
+        print(json.dumps(step_flops(args.model)))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.checkpoint, args.folder, args.warmup, args.repeats)))
         return
@@ -193,9 +196,9 @@ def main() -> None:
         names.append(name)
     from sd_onnx.quantize.fidelity import component_sizes
 
-    flops = step_flops(args.model)
+    flops = own_process("step-flops", args.model)
     bench_home(args.home)
-    peaks = {"before": matmul_peaks()}
+    peaks = {"before": own_process("matmul-peak", args.model)}
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for round_no in range(args.rounds):
         for name in names:
@@ -208,11 +211,9 @@ def main() -> None:
             runs[name].append(result)
             # this machine's speed drifts by up to 30% within a run: probe the peak right after each configuration,
             # in a process of its own, so nothing the configuration left behind shares the CPU with it
-            probe = subprocess.run([sys.executable, __file__, "--checkpoint", "-", "--model", "-", "--child",
-                                    "matmul-peak"], check=True, capture_output=True, text=True)
-            runs[name][-1]["peak"] = json.loads(probe.stdout.strip().splitlines()[-1])
+            runs[name][-1]["peak"] = own_process("matmul-peak", args.model)
             print(f"  round {round_no + 1} {name}: {runs[name][-1]['times']}", file=sys.stderr)
-    peaks["after"] = matmul_peaks()
+    peaks["after"] = own_process("matmul-peak", args.model)
     print(f"matmul peak, measured before/after: fp32 {peaks['before']['fp32']:.0f}/{peaks['after']['fp32']:.0f} "
           f"GFLOP/s, u8s8 {peaks['before']['int8']:.0f}/{peaks['after']['int8']:.0f} GOP/s; \"of matmul peak\" uses "
           "the best probe taken right after that configuration's own steps")
@@ -239,6 +240,15 @@ def main() -> None:
               f"| {rs[0]['load_s']:.1f} | {later(r['load_s'] for r in rs[1:])} "
               f"| {statistics.median(r['first_s'] for r in rs):.1f} "
               f"| {max(r['peak_rss_gb'] for r in rs):.2f} |")
+
+
+def own_process(what: str, model: Path) -> dict:
+    """Run `--child what` (matmul-peak, step-flops) in a process of its own and read its JSON. This process stays
+    small because a child's ru_maxrss starts at its parent's: torch and diffusers imported for the FLOP count
+    (0.41 GB) would otherwise set the floor of every configuration's peak RSS."""
+    proc = subprocess.run([sys.executable, __file__, "--checkpoint", "-", "--model", str(model), "--child", what],
+                          check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def later(values) -> str:
