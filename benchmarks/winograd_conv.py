@@ -130,23 +130,19 @@ def shapes(repeats: int) -> None:
 def rewrite_unet(src: Path, dst: Path, levels: set[int]) -> int:
     """Copy src (a UNet model.onnx with external weights) to dst with its 3x3 stride-1 convs at `levels` rewritten;
     returns how many were."""
-    import os
-
     import onnx
     from onnx import numpy_helper
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from sd_onnx.onnx_files import working_dir
 
     proto = onnx.load(str(src), load_external_data=False)
     for graph_input in proto.graph.input:
         if graph_input.name == "sample":
             for dim, value in zip(graph_input.type.tensor_type.shape.dim, (2, 4, 64, 64)):
                 dim.dim_value = value
-    cwd = os.getcwd()
-    os.chdir(src.parent)  # inference reads small constants from the external data
-    try:
+    with working_dir(src.parent):  # inference reads small constants from the external data
         typed = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-    finally:
-        os.chdir(cwd)
     sizes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in typed.graph.value_info}
     proto = onnx.load(str(src))
     weights = {t.name: t for t in proto.graph.initializer}
@@ -200,39 +196,37 @@ def unet(folder: Path, level_sets: list[str], rounds: int, repeats: int) -> None
 
 
 def compare(folder: Path, work: Path, level_sets: list[str], rounds: int, repeats: int) -> None:
-    models = {"ORT Conv (our fp32 graph)": str(folder / "unet" / "model.onnx")}
-    sizes = {name: sum(p.stat().st_size for p in Path(path).parent.glob("model.onnx*")) / 1e9
-             for name, path in models.items()}
+    from sd_onnx.home import folder_bytes
+
+    models = {"ORT Conv (our fp32 graph)": folder / "unet" / "model.onnx"}
     for levels in level_sets:
         t0 = time.perf_counter()
         path = work / f"levels-{levels.replace(',', '-')}" / "model.onnx"
         count = rewrite_unet(folder / "unet" / "model.onnx", path, {int(v) for v in levels.split(",")})
         name = f"Winograd F(2,3) at levels {levels}"
-        models[name] = str(path)
-        sizes[name] = sum(p.stat().st_size for p in path.parent.iterdir()) / 1e9
+        models[name] = path
         print(f"{name}: {count} convs rewritten in {time.perf_counter() - t0:.0f} s")
     runs = {name: [] for name in models}
+    outputs = {name: work / f"output-{i}.npy" for i, name in enumerate(models)}
     for r in range(rounds):
         for name, path in models.items():
-            out = work / f"{abs(hash(name))}.npy"
-            result = run_child([sys.executable, __file__, "--child", path, "--out", str(out), "--repeats", str(repeats)],
-                               name)
+            result = run_child([sys.executable, __file__, "--child", str(path), "--out", str(outputs[name]),
+                                "--repeats", str(repeats)], name)
             if result:
                 runs[name].append(result)
                 print(f"round {r + 1} {name}: {[round(t, 2) for t in result['times']]} s", flush=True)
-    outputs = {name: np.load(work / f"{abs(hash(name))}.npy") for name in models if runs[name]}
-    reference = outputs[next(iter(models))]
+    reference = np.load(outputs[next(iter(models))])
     print("\n| UNet graph | weights GB | median s | min s | vs Conv | load s (optimized at start) | max rel diff |\n"
           "|---|---|---|---|---|---|---|")
     base = statistics.median(t for r in runs[next(iter(models))] for t in r["times"])
-    for name in models:
+    for name, path in models.items():
         times = [t for r in runs[name] for t in r["times"]]
         if not times:
             continue
-        diff = np.abs(outputs[name] - reference).max() / np.abs(reference).max()
-        print(f"| {name} | {sizes[name]:.2f} | {statistics.median(times):.2f} | {min(times):.2f} | "
-              f"{statistics.median(times) / base:.3f} | {statistics.median(r['load_s'] for r in runs[name]):.1f} | "
-              f"{diff:.1e} |")
+        diff = np.abs(np.load(outputs[name]) - reference).max() / np.abs(reference).max()
+        print(f"| {name} | {folder_bytes(path.parent) / 1e9:.2f} | {statistics.median(times):.2f} | "
+              f"{min(times):.2f} | {statistics.median(times) / base:.3f} | "
+              f"{statistics.median(r['load_s'] for r in runs[name]):.1f} | {diff:.1e} |")
 
 
 def main() -> None:
