@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -109,8 +110,11 @@ def test_generate_without_avx_under_qemu_westmere(tiny_model, tmp_path):
         f"r = generate({str(folder)!r}, GenerateRequest('a cat', steps=3, sampler='Euler', seed=5, width=64, height=64), device='cpu'); "
         f"np.save({str(out)!r}, r.images[0].latent); r.images[0].image.save({str(tmp_path / 'img.png')!r})"
     )
+    # A real Westmere user has no OPENBLAS_CORETYPE=Haswell (set on some hosts for old OpenBLAS builds): inherited,
+    # it makes OpenBLAS run AVX2 kernels in the emulated child, which qemu kills with SIGILL.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
     proc = subprocess.run([QEMU, "-cpu", "Westmere", sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(np.load(out), native.latent, atol=1e-3)
     from PIL import Image
