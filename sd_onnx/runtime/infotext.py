@@ -169,8 +169,9 @@ def _text(value: object) -> str:
         # in as an int, so A1111's own files say "CFG scale: 7" (see the example in the docstring of
         # parse_generation_parameters) and "Denoising strength: 0.75". We write the same: a whole float
         # as an int (as our old `:g` did, so those files do not change), any other float as repr(), the
-        # shortest text that reads back to the same float (7.1234567, not `:g`'s 7.12346).
-        return str(int(value)) if value.is_integer() else repr(value)
+        # shortest text that reads back to the same float (7.1234567, not `:g`'s 7.12346). Past 1e16 repr's
+        # exponent form is kept, rather than hundreds of digits.
+        return str(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
     return str(value)
 
 
