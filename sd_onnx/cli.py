@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,31 @@ EXIT_USER_ERROR = 2
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):  # nobody reads stderr any more: the work still finishes
+        pass
+
+
+def _out(text: str) -> None:
+    """A result line on stdout. When the reader has gone (`| head -1`), the rest goes to /dev/null: printing
+    never stops the work, and the images are saved all the same."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -25,41 +51,83 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_model(Path(args.model), Path(args.output) if args.output else None, args.family,
                           Path(args.config) if args.config else None, args.opset, args.force, not args.no_optimize,
                           log=(lambda m: None) if args.quiet else _say)
-    print(f"exported {result.family} ({result.prediction_type}) to {result.folder} in {result.seconds:.1f} s")
+    _out(f"exported {result.family} ({result.prediction_type}) to {result.folder} in {result.seconds:.1f} s")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sd_onnx.runtime.requests import GenerateRequest
+
+    return _run_generation(args, GenerateRequest)
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from sd_onnx.runtime.requests import Img2ImgRequest
+
+    return _run_generation(args, Img2ImgRequest)
+
+
+# request field -> CLI option (dest); options left at None fall back to the PNG's values, then the defaults
+_REQUEST_OPTIONS = ("negative_prompt", "steps", "cfg_scale", "sampler", "seed", "width", "height", "batch_size",
+                    "batch_count", "randn_source", "denoising_strength", "enable_hr", "hr_scale", "hr_resize_x",
+                    "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "init_image", "resize_mode")
+
+
+def _run_generation(args: argparse.Namespace, request_type) -> int:
     from sd_onnx.home import find_model
-    from sd_onnx.runtime.images import next_index, prepare_outdir, save_png
-    from sd_onnx.runtime.pipeline import GenerateRequest, generate
+    from sd_onnx.runtime.images import prepare_outdir, save_png
+    from sd_onnx.runtime.model import LoadedModel
+    from sd_onnx.runtime.pipeline import run
     from sd_onnx.runtime.progress import Progress
     from sd_onnx.runtime.providers import cpu_info
     from sd_onnx.runtime.variants import choose_variant
 
-    request = GenerateRequest(args.prompt, args.negative_prompt, args.steps, args.cfg, args.sampler, args.seed,
-                              args.width, args.height, args.batch_size, args.batch_count, args.randn_source)
+    fields, model_name = _from_png(args) if args.from_png else ({}, None)
+    if args.prompt is not None:
+        fields["prompt"] = args.prompt
+    if "prompt" not in fields:
+        raise SdOnnxError("a prompt is needed (or --from-png FILE)")
+    fields.update({k: getattr(args, k) for k in _REQUEST_OPTIONS if getattr(args, k, None) is not None})
+    known = set(request_type.__dataclass_fields__)
+    request = request_type(**{k: v for k, v in fields.items() if k in known})
     request.validate()
-    folder, why = choose_variant(find_model(args.model), args.precision, args.device, cpu_info()["flags"])
+    folder, why = choose_variant(find_model(args.model or model_name), args.precision, args.device,
+                                 cpu_info()["flags"])
     if not args.quiet or args.precision != "auto":
         _say(f"model: {folder.name}, precision {why}")
     outdir = prepare_outdir(Path(args.output))
     start = time.perf_counter()
     progress = None if args.quiet else (lambda label: Progress(label))
-    result = generate(folder, request, args.device, args.threads, progress=progress, low_memory=args.low_memory)
-    index = next_index(outdir)
-    for i, img in enumerate(result.images):
-        path = save_png(img.image, outdir, index + i, img.seed, img.parameters)
-        print(path)
+    model = LoadedModel(folder, args.device, args.threads, args.low_memory)
+    timings: dict[str, float] = {}
+    n, first_seed = 0, None
+    for image in run(model, request, progress, timings):  # each image is on disk before the next batch starts
+        path = save_png(image.image, outdir, 0, image.seed, image.parameters)
+        first_seed = image.seed if first_seed is None else first_seed
+        n += 1
+        _out(str(path))
     elapsed = time.perf_counter() - start
-    n = len(result.images)
     if request.seed == -1:
-        _say(f"seed: {result.images[0].seed}")
-    t = result.timings
-    _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {result.device.name}: text encoder "
-         f"{t['text_encoder_s']:.1f} s, UNet load {t['unet_load_s']:.1f} s, sampling {t['sampling_s']:.1f} s, "
-         f"VAE decode {t['vae_decode_s']:.1f} s")
+        _say(f"seed: {first_seed}")
+    parts = [f"{label} {timings[key]:.1f} s" for key, label in (
+        ("text_encoder_s", "text encoder"), ("vae_encode_s", "VAE encode"), ("unet_load_s", "UNet load"),
+        ("sampling_s", "sampling"), ("vae_decode_s", "VAE decode")) if key in timings]
+    _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {model.device.name}: {', '.join(parts)}")
     return 0
+
+
+def _from_png(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """Request fields from a PNG's A1111 parameters (PNG Info -> Send to txt2img/img2img), and its model's name if
+    that model is installed."""
+    from sd_onnx.home import models_dir
+    from sd_onnx.runtime.images import read_parameters
+    from sd_onnx.runtime.infotext import parse_infotext, request_fields
+
+    prompt, negative, settings = parse_infotext(read_parameters(Path(args.from_png)))
+    fields = request_fields(settings)
+    fields.update(prompt=prompt, negative_prompt=negative, batch_size=1)  # the image's own seed makes it alone
+    name = fields.get("model")
+    return fields, (name if name and (models_dir() / name).is_dir() else None)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -74,8 +142,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                               force=args.force, any_cpu=args.any_cpu, threads=args.threads)
     result = quantize_model(args.model, options, Path(args.output) if args.output else None,
                             log=(lambda m: None) if args.quiet else _say)
-    print(format_report(result.fidelity, result.precision))
-    print(f"wrote the {result.precision} variant ({', '.join(result.components)}) to {result.folder} "
+    _out(format_report(result.fidelity, result.precision))
+    _out(f"wrote the {result.precision} variant ({', '.join(result.components)}) to {result.folder} "
           f"in {result.seconds:.0f} s")
     return 0
 
@@ -86,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from sd_onnx.info import format_report, machine_report
 
     report = machine_report()
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    _out(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -96,8 +164,41 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if run_selftest(log=print) else 1
 
 
+def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
+    """The options generate and img2img share. Request options default to None: a value not given comes from
+    --from-png, else from the request's own default."""
+    p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax); may come from --from-png")
+    p.add_argument("-n", "--negative-prompt")
+    p.add_argument("--from-png", metavar="FILE", help="take the settings from an A1111/sd-onnx PNG's parameters "
+                                                      "(PNG Info); options given as well override them")
+    p.add_argument("--model", help="model folder or name under $SD_ONNX_HOME/models (default: the only one)")
+    p.add_argument("--steps", type=int, help="sampling steps (default 20)")
+    p.add_argument("--cfg", dest="cfg_scale", type=float, help="CFG scale (default 7)")
+    p.add_argument("--sampler", metavar="NAME", help=f"one of: {samplers} (default Euler a)")
+    p.add_argument("--seed", type=int, help="-1 draws a random seed (default)")
+    p.add_argument("--width", type=int, help="multiple of 8 (default 512; img2img: the init image's)")
+    p.add_argument("--height", type=int, help="multiple of 8 (default 512; img2img: the init image's)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 1, at most 8)")
+    p.add_argument("--batch-count", type=int, help="batches (default 1, at most 100)")
+    p.add_argument("--randn-source", choices=["cpu", "gpu"],
+                   help="noise: torch CPU generator (default; diffusers, A1111 --randn-source cpu) or A1111's "
+                        "GPU-compatible Philox")
+    p.add_argument("-o", "--output", default="outputs", help="output folder (default: ./outputs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"],
+                   help="which variant to run (made by `sd-onnx quantize`); auto: the best one found for this "
+                        "hardware, else fp32")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: the usable cores)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="least RAM: no ONNX Runtime memory arenas, VAE in 512px tiles (for large images)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sd_onnx.runtime.samplers import SAMPLER_NAMES
+    from sd_onnx.runtime.upscale import UPSCALER_NAMES
+
+    samplers, upscalers = ", ".join(SAMPLER_NAMES), ", ".join(UPSCALER_NAMES)
 
     parser = argparse.ArgumentParser(prog="sd-onnx", description="Stable Diffusion on ONNX Runtime / OpenVINO, no torch needed to generate.")
     parser.add_argument("--version", action="version", version=f"sd-onnx {__version__}")
@@ -115,30 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="txt2img from an exported model folder")
-    p.add_argument("prompt")
-    p.add_argument("-n", "--negative-prompt", default="")
-    p.add_argument("--model", help="model folder or name under $SD_ONNX_HOME/models (default: the only one)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
-    p.add_argument("--sampler", default="Euler a", metavar="NAME", help=f"one of: {', '.join(SAMPLER_NAMES)}")
-    p.add_argument("--seed", type=int, default=-1, help="-1 draws a random seed")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--batch-count", type=int, default=1)
-    p.add_argument("--randn-source", choices=["cpu", "gpu"], default="cpu",
-                   help="noise: torch CPU generator (diffusers, A1111 --randn-source cpu) or A1111's GPU-compatible Philox")
-    p.add_argument("-o", "--output", default="outputs", help="output folder (default: ./outputs)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"],
-                   help="which variant to run (made by `sd-onnx quantize`); auto: the best one found for this "
-                        "hardware, else fp32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the usable cores)")
-    p.add_argument("--low-memory", action="store_true",
-                   help="least RAM: no ONNX Runtime memory arenas, VAE decoded in 512px tiles (for large images)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("generate", help="txt2img (with hires fix) from an exported model folder")
+    _generation_options(p, samplers)
+    h = p.add_argument_group("hires fix (A1111's \"Hires. fix\": a second img2img pass at a larger size)")
+    h.add_argument("--enable-hr", action="store_const", const=True, default=None)
+    h.add_argument("--hr-scale", type=float, help="upscale by (default 2)")
+    h.add_argument("--hr-resize-x", type=int, help="resize width to (instead of --hr-scale)")
+    h.add_argument("--hr-resize-y", type=int, help="resize height to (instead of --hr-scale)")
+    h.add_argument("--hr-upscaler", metavar="NAME", help=f"one of: {', '.join(upscalers)} (default Latent)")
+    h.add_argument("--hr-second-pass-steps", type=int, help="steps of the second pass (default: --steps)")
+    h.add_argument("--denoising-strength", type=float, help="of the second pass (default 0.7)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("img2img", help="img2img from an init image (A1111 semantics)")
+    _generation_options(p, samplers)
+    p.add_argument("--init-image", metavar="FILE", help="the picture to start from")
+    p.add_argument("--denoising-strength", type=float, help="0 keeps the picture, 1 replaces it (default 0.75)")
+    p.add_argument("--resize-mode", type=int, choices=[0, 1, 2, 3],
+                   help="0 just resize (default), 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)")
+    p.set_defaults(func=cmd_img2img, width=None, height=None)
 
     p = sub.add_parser("quantize", help="make an int8, bf16 or fp16 variant of a model folder, with a fidelity report")
     p.add_argument("model", nargs="?", help="fp32 model folder or name (default: the only installed model)")
@@ -159,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity-steps", type=int, default=10)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--any-cpu", action="store_true", help="build a bf16 variant even on a CPU without BF16")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)
 
@@ -172,16 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: staging folders removed, finished images kept, one line."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sd_onnx.runtime.progress import end_line
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except SdOnnxError as e:
-        print(f"sd-onnx: error: {e}", file=sys.stderr)
+        end_line()
+        _say(f"sd-onnx: error: {e}")
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("sd-onnx: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        end_line()
+        _say("sd-onnx: terminated" if isinstance(e, _Terminated) else "sd-onnx: interrupted")
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

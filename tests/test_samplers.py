@@ -19,7 +19,8 @@ import pytest
 
 from sd_onnx.errors import UsageError
 from sd_onnx.runtime import samplers as S
-from sd_onnx.runtime.samplers import Denoiser, get_sigmas, get_sigmas_karras, get_timesteps, sample
+from sd_onnx.runtime.denoiser import Denoiser, ldm_alphas_cumprod
+from sd_onnx.runtime.samplers import get_sigmas, get_sigmas_karras, get_timesteps, sample
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -370,7 +371,7 @@ def test_timesteps_quirks_of_a1111():
 
 
 def test_ldm_alphas_cumprod_matches_diffusers():
-    np.testing.assert_allclose(S.ldm_alphas_cumprod(), ALPHAS, rtol=1e-6)
+    np.testing.assert_allclose(ldm_alphas_cumprod(), ALPHAS, rtol=1e-6)
 
 
 def test_dpm2_discards_penultimate_sigma():

@@ -7,6 +7,20 @@ import time
 from typing import TextIO
 
 
+_open_line: list[TextIO] = []  # a stream whose bar has not ended its line yet
+
+
+def end_line() -> None:
+    """Ends a bar cut short (an interrupt), so the next message starts on a line of its own."""
+    while _open_line:
+        stream = _open_line.pop()
+        try:
+            stream.write("\n")
+            stream.flush()
+        except OSError:
+            pass
+
+
 class Progress:
     def __init__(self, label: str, enabled: bool | None = None, stream: TextIO | None = None, width: int = 28):
         self.stream = stream or sys.stderr
@@ -26,8 +40,11 @@ class Progress:
         speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it" if rate > 0 else "-"
         bar = "#" * filled + "-" * (self.width - filled)
         self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {speed} ETA {_clock(eta)}  ")
+        if self.stream not in _open_line:
+            _open_line.append(self.stream)
         if done >= total:
             self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {speed} in {_clock(elapsed)}\n")
+            _open_line.remove(self.stream)
         self.stream.flush()
 
 

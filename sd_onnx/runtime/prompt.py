@@ -187,9 +187,10 @@ def apply_emphasis(z: NDArray, weights: NDArray) -> NDArray:
     w = np.asarray(weights, dtype=np.float64)
     if z64.ndim != 3 or w.shape != z64.shape[:2]:
         raise ValueError(f"apply_emphasis: z {z64.shape} and weights {w.shape} do not match")
-    original_mean = z64.mean(axis=(1, 2), keepdims=True)
-    scaled = z64 * w[:, :, None]
-    scaled *= original_mean / scaled.mean(axis=(1, 2), keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):  # an infinite weight gives NaN; encode reports it in one line
+        original_mean = z64.mean(axis=(1, 2), keepdims=True)
+        scaled = z64 * w[:, :, None]
+        scaled *= original_mean / scaled.mean(axis=(1, 2), keepdims=True)
     return scaled.astype(np.asarray(z).dtype, copy=False)
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from sd_onnx.errors import UsageError
+from sd_onnx.runtime.denoiser import Denoiser
 
 Array = NDArray[np.float32]
-Model = Callable[[Array, Array], Array]  # raw UNet output (eps or v) for (x_in [B,C,H,W], t [B])
 NoiseFn = Callable[[], Array]  # a fresh N(0, 1) latent batch per call
 Callback = Callable[[int, int], None]  # (step_index, total_steps)
 DenoiseFn = Callable[[Array, float], Array]  # denoised = D(x, sigma), e.g. a Denoiser
@@ -21,67 +22,6 @@ DenoiseFn = Callable[[Array, float], Array]  # denoised = D(x, sigma), e.g. a De
 class NoiseSource(Protocol):
     def first(self) -> Array: ...
     def next(self) -> Array: ...
-
-
-def ldm_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
-                       num_train_timesteps: int = 1000) -> NDArray[np.float32]:
-    """The LDM "linear" (diffusers "scaled_linear") schedule, float64 then float32 as the checkpoints store it."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas).astype(np.float32)
-
-
-class Denoiser:
-    """k-diffusion's CompVisDenoiser / CompVisVDenoiser: turns an eps or v UNet into denoised = D(x, sigma)."""
-
-    def __init__(self, model: Model, alphas_cumprod: Sequence[float] | NDArray, prediction_type: str = "epsilon"):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise UsageError(f"prediction type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-        self.model = model
-        self.prediction_type = prediction_type
-        self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
-        self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # ascending in t
-        self.log_sigmas = np.log(self.sigmas)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(np.float32(self.sigmas[0]))
-
-    @property
-    def sigma_max(self) -> float:
-        return float(np.float32(self.sigmas[-1]))
-
-    def sigma_to_t(self, sigma: float | NDArray) -> float | NDArray:
-        """Fractional timestep by linear interpolation in log sigma (k-diffusion's DiscreteSchedule)."""
-        return np.interp(np.log(sigma), self.log_sigmas, np.arange(len(self.sigmas), dtype=np.float64))
-
-    def t_to_sigma(self, t: float | NDArray) -> float | NDArray:
-        return np.exp(np.interp(t, np.arange(len(self.sigmas), dtype=np.float64), self.log_sigmas))
-
-    def _unet(self, x: Array, t: float) -> Array:
-        return self.model(x.astype(np.float32), np.full(x.shape[0], t, dtype=np.float32))
-
-    def denoise(self, x: Array, sigma: float, t: float) -> Array:
-        """D(x, sigma) with the UNet evaluated at timestep t (sigma_to_t(sigma) unless a sampler quantises it)."""
-        c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
-        out = self._unet(x * c_in, t)
-        if self.prediction_type == "epsilon":
-            return x - out * sigma
-        return out * (-sigma * c_in) + x * (c_in * c_in)
-
-    def __call__(self, x: Array, sigma: float) -> Array:
-        return self.denoise(x, sigma, float(self.sigma_to_t(sigma)))
-
-    def alpha_bar(self, t: float) -> float:
-        """alphas_cumprod at a (possibly fractional) timestep, log-linear between the training steps."""
-        return float(np.exp(np.interp(t, np.arange(len(self.sigmas)), np.log(self.alphas_cumprod))))
-
-    def eps(self, x: Array, t: float) -> Array:
-        """The noise prediction for a VP-space latent x at timestep t (what DDIM/PLMS/UniPC step with)."""
-        out = self._unet(x, t)
-        if self.prediction_type == "epsilon":
-            return out
-        a = self.alpha_bar(t)
-        return out * math.sqrt(a) + x * math.sqrt(1.0 - a)
 
 
 # --- schedules ---------------------------------------------------------------------------------------------
@@ -353,12 +293,16 @@ def _unipc_bh_coefficients(rks: list[float], hh: float, order: int, variant: str
 
 
 def sample_unipc(denoiser: Denoiser, x: Array, steps: int, noise: NoiseFn | None = None,
-                 callback: Callback | None = None, order: int = 3, variant: str = "bh1") -> Array:
+                 callback: Callback | None = None, order: int = 3, variant: str = "bh1",
+                 start_timestep: float | None = None) -> Array:
     """UniPC multistep (Zhao et al. 2023) as A1111 runs it: data prediction, time-uniform steps from t = 1 to
-    1/N, lower orders at the start and end, no corrector after the last step."""
+    1/N (img2img: from `start_timestep`), lower orders at the start and end, no corrector after the last step."""
+    if steps < 1:
+        return x
     order = min(order, steps)  # A1111 refuses steps < order instead
     # Continuous time t = (timestep + 1) / N, uniform from 1 to 1/N, i.e. timesteps uniform from N - 1 to 0.
-    model_t = np.linspace(len(denoiser.alphas_cumprod) - 1, 0, steps + 1)
+    first = len(denoiser.alphas_cumprod) - 1 if start_timestep is None else start_timestep
+    model_t = np.linspace(first, 0, steps + 1)
     log_alpha = np.array([0.5 * math.log(denoiser.alpha_bar(t)) for t in model_t])
     alpha, sigma = np.exp(log_alpha), np.sqrt(1 - np.exp(2 * log_alpha))
     lam = log_alpha - np.log(sigma)
@@ -387,8 +331,29 @@ def sample_unipc(denoiser: Denoiser, x: Array, steps: int, noise: NoiseFn | None
 
 # --- A1111 names -------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Start:
+    """Where img2img and the hires pass enter the schedule: A1111's `setup_img2img_steps`. The schedule is built
+    for `steps` and the last `t_enc + 1` steps run from `latent` noised to that point."""
+
+    latent: Array
+    steps: int
+    t_enc: int
+
+
+def img2img_start(latent: Array, steps: int, strength: float, fixed_steps: bool = False) -> Start:
+    """A1111's step rule. img2img (fixed_steps False): the schedule of `steps`, int(strength * steps) + 1 of them
+    run. The hires pass (A1111 passes its steps, which takes the "fix steps" branch): exactly `steps` run, on a
+    schedule stretched to steps / strength."""
+    strength = min(strength, 0.999)
+    if fixed_steps:
+        return Start(latent, int(steps / strength) if strength > 0 else 0, steps - 1)
+    return Start(latent, steps, int(strength * steps))
+
+
 def _k_sampler(func, karras: bool = False, discard_penultimate: bool = False):
-    def run(denoiser: Denoiser, noise: NoiseSource, steps: int, callback: Callback | None) -> Array:
+    def run(denoiser: Denoiser, noise: NoiseSource, steps: int, callback: Callback | None,
+            start: Start | None = None) -> Array:
         n = steps + 1 if discard_penultimate else steps
         if karras:
             sigmas = get_sigmas_karras(n, denoiser.sigma_min, denoiser.sigma_max)
@@ -396,25 +361,40 @@ def _k_sampler(func, karras: bool = False, discard_penultimate: bool = False):
             sigmas = get_sigmas(denoiser, n)
         if discard_penultimate:
             sigmas = np.append(sigmas[:-2], sigmas[-1:])
-        x = noise.first() * float(sigmas[0])
-        return func(denoiser, x, sigmas, noise.next, callback)
+        return _k_run(func, denoiser, noise, sigmas, callback, start)
     return run
 
 
-def _lcm(denoiser: Denoiser, noise: NoiseSource, steps: int, callback: Callback | None) -> Array:
+def _k_run(func, model: DenoiseFn, noise: NoiseSource, sigmas: NDArray, callback: Callback | None,
+           start: Start | None) -> Array:
+    if start is None:
+        return func(model, noise.first() * float(sigmas[0]), sigmas, noise.next, callback)
+    sigmas = sigmas[start.steps - start.t_enc - 1:]
+    return func(model, start.latent + noise.first() * float(sigmas[0]), sigmas, noise.next, callback)
+
+
+def _lcm(denoiser: Denoiser, noise: NoiseSource, steps: int, callback: Callback | None,
+         start: Start | None = None) -> Array:
     model = LcmDenoiser(denoiser)
-    sigmas = model.get_sigmas(steps)
-    return sample_lcm(model, noise.first() * float(sigmas[0]), sigmas, noise.next, callback)
+    return _k_run(sample_lcm, model, noise, model.get_sigmas(steps), callback, start)
 
 
 def _timestep_sampler(func, pass_count: bool = False):
-    def run(denoiser: Denoiser, noise: NoiseSource, steps: int, callback: Callback | None) -> Array:
+    def run(denoiser: Denoiser, noise: NoiseSource, steps: int, callback: Callback | None,
+            start: Start | None = None) -> Array:
         n_train = len(denoiser.alphas_cumprod)
         if steps > n_train:
             raise UsageError(f"at most {n_train} steps for this sampler, got {steps}")
         timesteps = get_timesteps(steps, n_train)
+        if start is None:
+            x, options = noise.first(), {}
+        else:  # A1111's CompVisSampler.sample_img2img: noised to timesteps[t_enc], run over timesteps[:t_enc]
+            a = float(denoiser.alphas_cumprod[timesteps[start.t_enc]])
+            x = start.latent * math.sqrt(a) + noise.first() * math.sqrt(1 - a)
+            timesteps = timesteps[:start.t_enc]
+            options = {"start_timestep": float(timesteps[-1]) if len(timesteps) else 0.0} if pass_count else {}
         schedule = len(timesteps) if pass_count else timesteps
-        return func(denoiser, noise.first(), schedule, noise.next, callback)
+        return func(denoiser, x, schedule, noise.next, callback, **options)
     return run
 
 
@@ -436,11 +416,14 @@ SAMPLER_NAMES: tuple[str, ...] = tuple(_SAMPLERS)
 
 
 def sample(name: str, denoiser: Denoiser, noise: NoiseSource, steps: int,
-           callback: Callback | None = None) -> Array:
-    """Runs the A1111 sampler `name` for `steps` steps from noise.first(); returns the final (unscaled) latent."""
+           callback: Callback | None = None, start: Start | None = None) -> Array:
+    """Runs the A1111 sampler `name` for `steps` steps from noise.first(), or (img2img, hires) from `start`;
+    returns the final (unscaled) latent."""
     run = _SAMPLERS.get(name)
     if run is None:
         raise UsageError(f"unknown sampler {name!r}; valid names: {', '.join(SAMPLER_NAMES)}")
+    if start is not None:
+        steps = start.steps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise UsageError(f"steps must be a positive integer, got {steps!r}")
-    return np.asarray(run(denoiser, noise, int(steps), callback), dtype=np.float32)
+    return np.asarray(run(denoiser, noise, int(steps), callback, start), dtype=np.float32)

@@ -39,21 +39,35 @@ def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> NDArray:
 def decode_tiled(decode: Callable[[NDArray], NDArray], latent: NDArray, tile: int = TILE,
                  overlap: int = OVERLAP) -> NDArray:
     """decode([1,4,h,w]) -> [1,3,8h,8w], applied tile by tile; a latent that fits in one tile is decoded whole."""
-    _, _, h, w = latent.shape
+    return _tiled(decode, latent, tile, overlap, lambda n: n * SCALE)
+
+
+def encode_tiled(encode: Callable[[NDArray], NDArray], pixels: NDArray, tile: int = TILE * SCALE,
+                 overlap: int = OVERLAP * SCALE) -> NDArray:
+    """encode([1,3,H,W]) -> [1,C,H/8,W/8] tile by tile (tiles and overlaps in pixels, multiples of 8)."""
+    return _tiled(encode, pixels, tile, overlap, lambda n: n // SCALE)
+
+
+def _tiled(run: Callable[[NDArray], NDArray], x: NDArray, tile: int, overlap: int,
+           out: Callable[[int], int]) -> NDArray:
+    """run() over overlapping tiles of x's last two axes, blended with linear ramps; `out` maps an input length
+    to the output's."""
+    _, _, h, w = x.shape
     if h <= tile and w <= tile:
-        return decode(latent)
-    out = None
-    weight = np.zeros((1, 1, h * SCALE, w * SCALE), dtype=np.float32)
+        return run(x)
+    result = None
+    weight = np.zeros((1, 1, out(h), out(w)), dtype=np.float32)
     ys, xs = _starts(h, tile, overlap), _starts(w, tile, overlap)
     for y in ys:
-        for x in xs:
+        for x0 in xs:
             th, tw = min(tile, h), min(tile, w)
-            piece = decode(np.ascontiguousarray(latent[:, :, y:y + th, x:x + tw]))
-            if out is None:
-                out = np.zeros((1, piece.shape[1], h * SCALE, w * SCALE), dtype=np.float32)
-            wy = _ramp(th * SCALE, overlap * SCALE, y == ys[0], y == ys[-1])
-            wx = _ramp(tw * SCALE, overlap * SCALE, x == xs[0], x == xs[-1])
+            piece = run(np.ascontiguousarray(x[:, :, y:y + th, x0:x0 + tw]))
+            if result is None:
+                result = np.zeros((1, piece.shape[1], out(h), out(w)), dtype=np.float32)
+            wy = _ramp(out(th), out(overlap), y == ys[0], y == ys[-1])
+            wx = _ramp(out(tw), out(overlap), x0 == xs[0], x0 == xs[-1])
             mask = wy[:, None] * wx[None, :]
-            out[:, :, y * SCALE:(y + th) * SCALE, x * SCALE:(x + tw) * SCALE] += piece * mask
-            weight[:, :, y * SCALE:(y + th) * SCALE, x * SCALE:(x + tw) * SCALE] += mask
-    return out / weight
+            region = (slice(None), slice(None), slice(out(y), out(y + th)), slice(out(x0), out(x0 + tw)))
+            result[region] += piece * mask
+            weight[region] += mask
+    return result / weight

@@ -1,0 +1,54 @@
+"""The VAE: latents to pictures and pictures to latents, each owning the folder's latent scaling; tiles when asked."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from sd_onnx.runtime.denoiser import check_finite
+from sd_onnx.runtime.vae_tiles import decode_tiled, encode_tiled
+
+
+def to_images(decoded: NDArray) -> list[Image.Image]:
+    """VAE output [B,3,H,W] in [-1, 1] -> RGB images (rounded, as diffusers' numpy_to_pil does)."""
+    x = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in x]
+
+
+def from_image(image: Image.Image) -> NDArray[np.float32]:
+    """An RGB picture -> [1,3,H,W] in [-1, 1], as A1111 feeds the VAE (x / 255 * 2 - 1)."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return (x * 2.0 - 1.0).transpose(2, 0, 1)[None].copy()
+
+
+def decode(model, latents: NDArray) -> list[Image.Image]:
+    """Scaled latents [B,4,h,w] -> pictures, one at a time (the VAE's activations dominate memory at 512px and up);
+    in tiles when the model runs with low_memory. The decoder stays open: the caller releases it."""
+    session = model.session("vae_decoder")
+    run = lambda t: session.run({"latent_sample": t})[0]  # noqa: E731
+    pictures = []
+    for latent in latents:
+        z = latent[None] / model.scaling_factor
+        decoded = decode_tiled(run, z) if model.low_memory else run(z)
+        pictures.extend(to_images(check_finite(decoded, "VAE decoder")))
+    return pictures
+
+
+def encode(model, pictures: list[Image.Image]) -> NDArray[np.float32]:
+    """Pictures (each a multiple of 8 on both sides) -> scaled latents [B,4,h,w].
+
+    The posterior's mean, not a sample of it: our export's encoder returns the mean, so the seed alone decides the
+    noise (A1111 samples the posterior with the global torch generator; the two differ by at most the posterior's
+    small standard deviation). An optimum folder's `latent_parameters` (mean and log-variance) is cut to the mean.
+    """
+    session = model.session("vae_encoder")
+    channels = model.latent_channels
+    run = lambda t: session.run({"sample": t})[0][:, :channels]  # noqa: E731  (mean of mean + log-variance)
+    latents = []
+    for picture in pictures:
+        x = from_image(picture)
+        moments = encode_tiled(run, x) if model.low_memory else run(x)
+        latents.append(check_finite(moments, "VAE encoder") * np.float32(model.scaling_factor))
+    return np.concatenate(latents).astype(np.float32)
+

@@ -1,0 +1,148 @@
+"""LoadedModel: a model folder read once (metadata, scheduler, latent scaling) and its sessions, opened by policy."""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sd_onnx.errors import ModelFolderError
+from sd_onnx.home import check_folder
+from sd_onnx.runtime.denoiser import Denoiser, ldm_alphas_cumprod
+from sd_onnx.runtime.providers import Device, resolve_device
+from sd_onnx.runtime.sessions import Session, cast_feeds, open_session
+from sd_onnx.runtime.tokenizer import ClipTokenizer
+from sd_onnx.runtime.variants import precision_of
+
+Observer = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The training noise schedule from scheduler/scheduler_config.json."""
+
+    beta_start: float
+    beta_end: float
+    num_train_timesteps: int
+    prediction_type: str
+
+    def alphas_cumprod(self) -> NDArray[np.float32]:
+        return ldm_alphas_cumprod(self.beta_start, self.beta_end, self.num_train_timesteps)
+
+
+class _Observed:
+    """A session that shows every feed to an observer first (calibration records real inputs this way)."""
+
+    def __init__(self, session: Session, component: str, observe: Observer):
+        self._session, self._component, self._observe = session, component, observe
+        self.input_types = session.input_types
+
+    def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
+        feeds = cast_feeds(feeds, self.input_types)  # as the model receives them (token ids int32, ...)
+        self._observe(self._component, feeds)
+        return self._session.run(feeds)
+
+
+class LoadedModel:
+    """One model folder ready to generate from.
+
+    `keep_loaded=False` (the CLI): each session is released as soon as its stage is done, so a 512x512 run never
+    holds the UNet and the VAE's activations at once. `keep_loaded=True` (a server): sessions stay open between
+    requests. `observe(component, feeds)`, if given, sees every input fed to every session."""
+
+    def __init__(self, folder: Path | str, device: str | Device = "auto", threads: int | None = None,
+                 low_memory: bool = False, keep_loaded: bool = False, observe: Observer | None = None):
+        self.folder = Path(folder)
+        self.meta = check_folder(self.folder)
+        self.device = device if isinstance(device, Device) else resolve_device(device, precision=precision_of(self.meta))
+        self.threads, self.low_memory, self.keep_loaded, self.observe = threads, low_memory, keep_loaded, observe
+        self.schedule = read_schedule(self.folder)
+        self.prediction_type = self.meta.get("prediction_type", self.schedule.prediction_type)
+        vae = vae_config(self.folder)
+        self.scaling_factor = read_scaling_factor(self.folder, self.meta, vae)
+        self.latent_channels = int(vae.get("latent_channels", 4))
+        self._sessions: dict[str, Session] = {}
+        self._tokenizer: ClipTokenizer | None = None
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def short_hash(self) -> str:
+        return self.meta.get("source", {}).get("short_hash", "")
+
+    def has(self, component: str) -> bool:
+        return (self.folder / component / "model.onnx").is_file()
+
+    def tokenizer(self) -> ClipTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = ClipTokenizer.from_folder(self.folder / "tokenizer")
+        return self._tokenizer
+
+    def session(self, component: str) -> Session:
+        session = self._sessions.get(component)
+        if session is None:
+            if not self.has(component):
+                raise ModelFolderError(f"{self.folder} has no {component}/model.onnx"
+                                       + (" (img2img and hires fix need the VAE encoder: export the model again)"
+                                          if component == "vae_encoder" else ""))
+            session = open_session(self.folder, component, self.device, self.threads,
+                                   self.low_memory and component != "text_encoder")
+            if self.observe:
+                session = _Observed(session, component, self.observe)
+            self._sessions[component] = session
+        return session
+
+    def release(self, component: str) -> None:
+        """Let a session go unless the model is kept loaded."""
+        if not self.keep_loaded and self._sessions.pop(component, None) is not None:
+            gc.collect()
+
+    def denoiser(self, model) -> Denoiser:
+        return Denoiser(model, self.schedule.alphas_cumprod(), self.prediction_type)
+
+
+def read_schedule(folder: Path) -> Schedule:
+    path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+            raise ModelFolderError(f"{path}: beta_schedule {config['beta_schedule']!r} is not supported "
+                                   "(scaled_linear only)")
+        return Schedule(float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)),
+                        int(config.get("num_train_timesteps", 1000)), str(config.get("prediction_type", "epsilon")))
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelFolderError(f"{path}: unreadable scheduler config ({e})") from None
+
+
+def vae_config(folder: Path) -> dict:
+    """vae_decoder/config.json (diffusers' AutoencoderKL config), {} when absent or unreadable."""
+    try:
+        config = json.loads((folder / "vae_decoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def read_scaling_factor(folder: Path, meta: dict, vae: dict) -> float:
+    """The VAE's latent scaling, from vae_decoder/config.json (diffusers writes it there), else sd_onnx.json.
+    Never a default: 0.18215 is right for SD 1.x/2.x only (SDXL uses 0.13025, TAESD 1.0)."""
+    value = vae.get("scaling_factor")
+    if value is None:
+        value = meta.get("scaling_factor")
+    try:
+        scaling = float(value)
+    except (TypeError, ValueError):
+        raise ModelFolderError(f"{folder}: no usable VAE scaling_factor in vae_decoder/config.json or sd_onnx.json "
+                               f"(found {value!r})") from None
+    if not np.isfinite(scaling) or scaling <= 0:
+        raise ModelFolderError(f"{folder}: VAE scaling_factor must be a positive number, got {value!r}")
+    return scaling
