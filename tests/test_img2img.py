@@ -273,3 +273,26 @@ def test_missing_vae_encoder_is_one_line(tiny_model, tmp_path, capsys):
                  "--steps", "2", "-q"]) == 2
     assert "vae_encoder" in _one_error_line(capsys)
     assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_interrupt_and_skip_keep_what_was_made(tiny_model):
+    """A1111's Interrupt ends the job at the next step and returns the latest prediction; Skip does that for the
+    current batch and goes on."""
+    from sd_onnx.runtime.control import RunControl
+
+    counter = _Counter()
+    model = LoadedModel(tiny_model("sd1"), "cpu", observe=counter)
+    control = RunControl()
+    stop_at_second_step = lambda label: (lambda i, total: control.interrupt() if i == 1 else None)  # noqa: E731
+    request = GenerateRequest("a cat", steps=10, sampler="Euler", seed=2, width=64, height=64, batch_count=3)
+    made = list(run(model, request, stop_at_second_step, control=control))
+    assert len(made) == 1 and len(counter.calls) == 2
+    assert np.isfinite(made[0].latent).all() and np.asarray(made[0].image).std() > 0
+
+    counter.calls.clear()
+    control = RunControl()
+    skip_first_batch = lambda label: (  # noqa: E731
+        lambda i, total: control.skip() if control.batch == 0 and i == 0 else None)
+    made = list(run(model, request, skip_first_batch, control=control))
+    assert len(made) == 3 and len(counter.calls) == 1 + 10 + 10
+    assert control.step == control.total == 10

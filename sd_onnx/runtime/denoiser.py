@@ -46,6 +46,12 @@ class Denoiser:
         self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
         self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # ascending in t
         self.log_sigmas = np.log(self.sigmas)
+        self._last: Callable[[], Array] | None = None
+
+    def last_denoised(self) -> Array | None:
+        """The clean-latent prediction of the latest UNet call (A1111's `last_latent`): what an interrupted run
+        returns and what a live preview shows. Computed on demand, so sampling pays nothing for it."""
+        return None if self._last is None else self._last()
 
     @property
     def sigma_min(self) -> float:
@@ -70,8 +76,11 @@ class Denoiser:
         c_in = 1.0 / math.sqrt(sigma * sigma + 1.0)
         out = self._unet(x * c_in, t)
         if self.prediction_type == "epsilon":
-            return x - out * sigma
-        return out * (-sigma * c_in) + x * (c_in * c_in)
+            denoised = x - out * sigma
+        else:
+            denoised = out * (-sigma * c_in) + x * (c_in * c_in)
+        self._last = lambda: denoised
+        return denoised
 
     def __call__(self, x: Array, sigma: float) -> Array:
         return self.denoise(x, sigma, float(self.sigma_to_t(sigma)))
@@ -83,10 +92,10 @@ class Denoiser:
     def eps(self, x: Array, t: float) -> Array:
         """The noise prediction for a VP-space latent x at timestep t (what DDIM/PLMS/UniPC step with)."""
         out = self._unet(x, t)
-        if self.prediction_type == "epsilon":
-            return out
         a = self.alpha_bar(t)
-        return out * math.sqrt(a) + x * math.sqrt(1.0 - a)
+        e_t = out if self.prediction_type == "epsilon" else out * math.sqrt(a) + x * math.sqrt(1.0 - a)
+        self._last = lambda: ((x - e_t * math.sqrt(1.0 - a)) / math.sqrt(a)).astype(np.float32)
+        return e_t
 
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from sd_onnx import __version__
 from sd_onnx.runtime import decode
+from sd_onnx.runtime.control import RunControl, StopSampling
 from sd_onnx.runtime.denoiser import GuidedUNet
 from sd_onnx.runtime.encode import Conditioning, encode_prompts
 from sd_onnx.runtime.infotext import format_infotext
@@ -47,11 +48,14 @@ class GenerateResult:
 
 
 def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory | None = None,
-        timings: dict[str, float] | None = None) -> Iterator[GeneratedImage]:
+        timings: dict[str, float] | None = None, control: RunControl | None = None) -> Iterator[GeneratedImage]:
     """Generate for `request` (txt2img, with hires fix if asked, or img2img), yielding each image as soon as its
-    batch is decoded, so a caller saves it before the next batch starts."""
+    batch is decoded, so a caller saves it before the next batch starts. `control` lets another thread follow the
+    steps and interrupt or skip (what was made so far is decoded and yielded, as in A1111)."""
     request.validate()
     timings = {} if timings is None else timings
+    control = RunControl() if control is None else control
+    control.batches = request.batch_count
     seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
     clock = lambda name: _timed(timings, name)  # noqa: E731
 
@@ -62,17 +66,19 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
         unet = model.session("unet")
     denoiser = model.denoiser(GuidedUNet(unet, cond, request.cfg_scale))
     for batch in range(request.batch_count):
+        control.batch, control.skipped = batch, False
         # A1111 keeps counting past 2**32 - 1: seeds beyond it still seed torch's generators (low 32 bits on the CPU)
         seeds = [seed + batch * request.batch_size + j for j in range(request.batch_size)]
         label = f"batch {batch + 1}/{request.batch_count}" if request.batch_count > 1 else "sampling"
         with clock("sampling_s"):
             start = None if init is None else img2img_start(np.repeat(init, len(seeds), axis=0), request.steps,
                                                              request.denoising_strength)
-            latents = _sample(denoiser, request, seeds, progress(label) if progress else None, start,
+            latents = _sample(denoiser, request, seeds, control.watch(label, denoiser, progress(label) if progress
+                                                                      else None), start,
                               (request.height // 8, request.width // 8))
-        last = batch == request.batch_count - 1
-        if request.enable_hr:
-            latents = _hires(model, request, cond, latents, seeds, progress, clock, last)
+        last = batch == request.batch_count - 1 or control.interrupted
+        if request.enable_hr and not (control.interrupted or control.skipped):
+            latents = _hires(model, request, cond, latents, seeds, progress, clock, last, control)
         elif last:
             model.release("unet")  # before the VAE's activations: a 512px run never holds both
         with clock("vae_decode_s"):
@@ -82,6 +88,8 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
         for j, (picture, image_seed, latent) in enumerate(zip(pictures, seeds, latents)):
             yield GeneratedImage(picture, image_seed, format_infotext(request.prompt, request.negative_prompt,
                                                                settings(request, image_seed, model, j)), latent)
+        if control.interrupted:
+            break
     model.release("unet")
 
 
@@ -100,9 +108,14 @@ def generate(folder: Path | str, request: GenerateRequest, device: str | Device 
 
 
 def _sample(denoiser, request: GenerateRequest, seeds: list[int], callback, start: Start | None,
-            latent_hw: tuple[int, int]) -> NDArray:
+            latent_hw: tuple[int, int], steps: int | None = None) -> NDArray:
+    """One sampling pass; stopped early (interrupt, skip), it gives the latest clean-latent prediction."""
     rng = ImageRng(seeds, (4, *latent_hw), source=request.randn_source)
-    return sample(request.sampler, denoiser, rng, request.steps, callback, start)
+    try:
+        return sample(request.sampler, denoiser, rng, steps or request.steps, callback, start)
+    except StopSampling:
+        latest = denoiser.last_denoised()
+        return (start.latent if start is not None else rng.first()) if latest is None else latest
 
 
 def _init_latent(model: LoadedModel, request: Img2ImgRequest, clock) -> NDArray:
@@ -120,7 +133,7 @@ def _init_latent(model: LoadedModel, request: Img2ImgRequest, clock) -> NDArray:
 
 
 def _hires(model: LoadedModel, request: GenerateRequest, cond: Conditioning, latents: NDArray, seeds: list[int],
-           progress, clock, last: bool) -> NDArray:
+           progress, clock, last: bool, control: RunControl) -> NDArray:
     """A1111's sample_hr_pass: upscale the first pass (latent, or decoded picture re-encoded), then img2img at the
     hires size with fresh seeded noise of that size and exactly hr_steps steps."""
     w, h = request.hr_size
@@ -144,8 +157,8 @@ def _hires(model: LoadedModel, request: GenerateRequest, cond: Conditioning, lat
         denoiser = model.denoiser(GuidedUNet(model.session("unet"), cond, request.cfg_scale))
         start = img2img_start(latents, request.hr_steps, request.denoising_strength, fixed_steps=True)
         label = "hires pass"
-        latents = sample(request.sampler, denoiser, ImageRng(seeds, (4, h // 8, w // 8), source=request.randn_source),
-                         request.hr_steps, progress(label) if progress else None, start)
+        callback = control.watch(label, denoiser, progress(label) if progress else None)
+        latents = _sample(denoiser, request, seeds, callback, start, (h // 8, w // 8), request.hr_steps)
     if last:
         model.release("unet")
     return latents
