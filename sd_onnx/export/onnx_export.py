@@ -70,8 +70,12 @@ def _text_example(model) -> tuple:
 
 def _unet_example(model) -> tuple:
     cfg = model.config
+    # A latent side that is not a multiple of the UNet's overall upsampling factor: diffusers then passes each
+    # up-block the size of its skip connection, so the traced graph upsamples to that size instead of x2 and
+    # every latent size works (a 72 px or 520 px image: latent 9 or 65, downsampled 9 -> 5 -> 3 -> 2).
+    side = 2 ** model.num_upsamplers + 1
     return (
-        torch.randn(2, cfg.in_channels, 8, 8),
+        torch.randn(2, cfg.in_channels, side, side + 2),
         torch.tensor([500.0]),
         torch.randn(2, 77, cfg.cross_attention_dim),
     )
