@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, systemd) unwinds like Ctrl-C
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.func(args)
     except SdOnnxError as e:

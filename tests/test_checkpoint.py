@@ -312,6 +312,9 @@ def test_existing_output_needs_force(sd1, tmp_path):
     message = assert_refused(sd1[0], tmp_path, "already exists", "--force", output=out)
     assert "out" in message and (out / "old.txt").read_text() == "previous export"
 
+    # --force replaces a model folder only: a folder of other files is refused, and kept as it was
+    assert_refused(sd1[0], tmp_path, "not one (no model_index.json", output=out, force=True)
+    (out / "model_index.json").write_text("{}")
     result = export_model(sd1[0], out, force=True)
     assert result.folder == out and (out / "model_index.json").is_file() and (out / "unet" / "model.onnx").is_file()
     assert not (out / "old.txt").exists()

@@ -43,7 +43,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"not a checkpoint file: {path}")
-    if path.suffix.lower() == ".safetensors":
+    if sniff_format(path) == "safetensors":
         data = _load_safetensors(path)
     else:
         data = _load_pickle_checkpoint(path)
@@ -56,6 +56,24 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not tensors:
         raise CheckpointError(f"{path.name}: contains no tensors")
     return Checkpoint(path=path, state_dict=tensors, global_step=global_step)
+
+
+def sniff_format(path: Path) -> str:
+    """'zip' (torch.save), 'pickle' (legacy torch.save), 'safetensors' or 'unknown', by the file's first bytes: a
+    renamed file keeps its format, not its extension."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot read it ({e.strerror or e})") from None
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80"):
+        return "pickle"
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 32):
+        return "safetensors"
+    return "safetensors" if path.suffix.lower() == ".safetensors" else "unknown"
 
 
 def _load_safetensors(path: Path) -> dict:
