@@ -325,6 +325,23 @@ def test_existing_output_needs_force(sd1, tmp_path):
 # odd but valid layouts load
 
 
+@pytest.mark.parametrize("written, named", [("safetensors", ".ckpt"), ("zip", ".safetensors"), ("pickle", ".bin")])
+def test_format_comes_from_the_first_bytes_not_the_name(written, named, sd1, tmp_path):
+    """A safetensors file renamed .ckpt once failed with "Unsupported operand 48" (its header length read as
+    pickle opcodes)."""
+    from safetensors.torch import save_file
+
+    from sd_onnx.export.checkpoint import sniff_format
+
+    path = tmp_path / f"renamed{named}"
+    if written == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd1[1].items()}, str(path))
+    else:
+        torch.save({"state_dict": sd1[1]}, path, _use_new_zipfile_serialization=written == "zip")
+    assert sniff_format(path) == written
+    assert _same_tensors(load_checkpoint(path).state_dict, sd1[1])
+
+
 def test_legacy_pickle_checkpoint_loads(tiny_checkpoint, tmp_path):
     sd = load_checkpoint(tiny_checkpoint("sd2")).state_dict
     legacy = tmp_path / "legacy.ckpt"

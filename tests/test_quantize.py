@@ -67,7 +67,9 @@ def test_int8_variant_is_a_sibling_with_metadata_and_fidelity(base, int8):
 
     assert int8 == base.with_name("tiny-int8")
     meta = check_folder(int8)
-    assert meta["precision"] == "int8" and meta["variant_of"] == {"folder": "tiny", "precision": "fp32"}
+    sha = _meta(base)["source"]["sha256"]
+    assert meta["precision"] == "int8"
+    assert meta["variant_of"] == {"folder": "tiny", "precision": "fp32", "base": f"sha256:{sha}"}
     assert meta["components"]["unet"]["precision"] == "int8"
     assert meta["components"]["vae_decoder"]["precision"] == "fp32"
     fid = meta["fidelity"]
