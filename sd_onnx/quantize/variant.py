@@ -68,14 +68,14 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
                          "make it on the machine that will run it, or pass --any-cpu to build it anyway")
     check_quantize_tools()
     output = Path(output) if output is not None else variant_path(base, precision)
-    check_output(output, options.force, [base])
-    # the variant is at most a copy of the folder; typed working copies of a converted graph come on top
-    need = folder_bytes(base) + max((folder_bytes(base / c) for c in components), default=0)
-    check_free_space(output.parent, need)
     size = meta.get("default_size", 512)
     calib_size = options.calibration_size or max(64, size // 2 // 8 * 8)
     fid_size = options.fidelity_size or calib_size
     prompts = read_prompts(options.prompts_file, options.calibration_prompts)
+    check_output(output, options.force, [base])
+    # the variant is at most a copy of the folder; typed working copies of a converted graph come on top
+    need = folder_bytes(base) + max((folder_bytes(base / c) for c in components), default=0)
+    check_free_space(output.parent, need)
 
     with staged_folder(output, options.force, need) as tmp:
         _copy_unchanged(base, tmp, components)
