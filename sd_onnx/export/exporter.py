@@ -10,7 +10,8 @@ from typing import Callable
 
 from sd_onnx import __version__
 from sd_onnx.home import METADATA, folder_bytes, models_dir
-from sd_onnx.staging import check_free_space, check_output, check_writable, dump_json, staged_folder
+from sd_onnx.staging import (check_free_space, check_output, check_writable, clean_stale_staging, dump_json,
+                              staged_folder)
 
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -49,6 +50,7 @@ def export_model(
     # checked again when staging; this spares loading the checkpoint
     check_output(output, force, [source] + ([Path(config)] if config is not None else []))
     check_writable(output.parent)
+    clean_stale_staging(output.parent)  # a killed export's leftovers count against the free space below
 
     if source.is_dir():
         model = build_from_diffusers(source, family)

@@ -12,7 +12,7 @@ from sd_onnx.errors import UsageError
 from sd_onnx.home import METADATA, check_folder, find_model, folder_bytes
 from sd_onnx.quantize.graphs import copy_file
 from sd_onnx.runtime.variants import base_folder, base_identity, has_bf16, precision_of, variant_path
-from sd_onnx.staging import check_free_space, check_output, dump_json, staged_folder
+from sd_onnx.staging import check_free_space, check_output, clean_stale_staging, dump_json, staged_folder
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # What each precision converts unless --components says otherwise. int8 touches only the UNet: it is 86% of the
@@ -73,6 +73,7 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
     fid_size = options.fidelity_size or calib_size
     prompts = read_prompts(options.prompts_file, options.calibration_prompts)
     check_output(output, options.force, [base])
+    clean_stale_staging(output.parent)  # a killed quantize's leftovers count against the free space below
     # the variant is at most a copy of the folder; typed working copies of a converted graph come on top
     need = folder_bytes(base) + max((folder_bytes(base / c) for c in components), default=0)
     check_free_space(output.parent, need)
