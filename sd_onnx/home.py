@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,24 +36,30 @@ def folder_bytes(folder: Path) -> int:
 
 
 def installed_models() -> list[Path]:
-    """Model folders under models_dir(); precision variants (made by `sd-onnx quantize`) go with their original."""
+    """Model folders under models_dir(); precision variants (made by `sd-onnx quantize`) go with their original,
+    unless that original is gone. Hidden folders (an export or quantize being written, or killed) are not models."""
     root = models_dir()
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and (p / "model_index.json").is_file() and not _is_variant(p))
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()
+                  and (p / "model_index.json").is_file() and not _is_variant_with_base(p))
 
 
-def _is_variant(path: Path) -> bool:
-    return "variant_of" in read_metadata(path)
+def _is_variant_with_base(path: Path) -> bool:
+    base = read_metadata(path).get("variant_of")
+    if not isinstance(base, dict):
+        return False
+    name = base.get("folder")
+    return not isinstance(name, str) or name in ("", path.name) or (path.with_name(name) / "model_index.json").is_file()
 
 
 def read_metadata(folder: Path) -> dict:
     """The folder's sd_onnx.json, or {} when it has none or it is unreadable (check_folder reports those)."""
     try:
-        return json.loads((folder / METADATA).read_text())
+        meta = json.loads((folder / METADATA).read_text())
     except (OSError, ValueError):
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def find_model(model: str | Path | None) -> Path:
@@ -78,13 +85,41 @@ def check_folder(path: Path) -> dict:
     missing = [r for r in REQUIRED if not (path / r).is_file()]
     if missing:
         raise ModelFolderError(f"{path} is not a complete model folder: '{missing[0]}' is missing")
+    sched = _read_json(path / "scheduler/scheduler_config.json", SCHEDULER_TYPES)
     meta_path = path / METADATA
     if meta_path.is_file():
-        try:
-            return json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelFolderError(f"{meta_path}: unreadable ({e})") from None
+        return _read_json(meta_path, METADATA_TYPES)
     # A folder written by optimum or diffusers: take what we need from the scheduler config.
-    sched = json.loads((path / "scheduler/scheduler_config.json").read_text())
     return {"family": "unknown", "prediction_type": sched.get("prediction_type", "epsilon"),
             "scaling_factor": 0.18215, "default_size": 512, "source": {}}
+
+
+_NUMBER = (int, float)
+# The keys the runtime reads, and the JSON types they must have when present.
+METADATA_TYPES = {"family": str, "prediction_type": str, "scaling_factor": _NUMBER, "default_size": int,
+                  "precision": str, "source": dict, "components": dict, "variant_of": dict}
+SCHEDULER_TYPES = {"beta_start": _NUMBER, "beta_end": _NUMBER, "num_train_timesteps": int,
+                   "prediction_type": str, "beta_schedule": str}
+_TYPE_NAMES = {str: "a string", int: "an integer", _NUMBER: "a number", dict: "an object"}
+
+
+def _read_json(path: Path, types: dict) -> dict:
+    """A JSON object file whose known keys have the types the runtime expects, else one ModelFolderError line."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: holds {type(data).__name__ if data is not None else 'null'}, "
+                               "not a JSON object")
+    for key, kind in types.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ModelFolderError(f"{path}: '{key}' must be {_TYPE_NAMES[kind]}, got {json.dumps(value)[:60]}")
+        if kind in (int, _NUMBER) and not (math.isfinite(value) and value > 0):
+            raise ModelFolderError(f"{path}: '{key}' must be a positive number, got {json.dumps(value)[:60]}")
+    return data

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 
 from sd_onnx.errors import SdOnnxError
-from sd_onnx.home import cache_dir, folder_bytes, installed_models, models_dir
+from sd_onnx.home import cache_dir, check_folder, folder_bytes, installed_models, models_dir
 from sd_onnx.runtime.providers import ORT_DEVICES, OPENVINO_PACKAGE, cpu_info, openvino_devices, ort_providers, resolve_device
 
 
 def machine_report() -> dict:
     cpu = cpu_info()
     available = ort_providers()
-    models = installed_models()
+    models, broken = _check_models(installed_models())
     report = {
         "cpu": cpu,
         "ram_gb": _ram_gb(),
@@ -21,6 +21,7 @@ def machine_report() -> dict:
         "models_dir": str(models_dir()),
         "models": [p.name for p in models],
         "variants": {p.name: _variants(p) for p in models},
+        "broken_models": broken,
         "cache_dir": str(cache_dir()),
         "cache_gb": folder_bytes(cache_dir()) / 1e9,
         "missing": {name: f"pip install {package}" for name, (provider, package) in ORT_DEVICES.items()
@@ -53,11 +54,26 @@ def format_report(r: dict) -> str:
         "SD_ONNX_NO_CACHE=1 keeps none)",
         f"--device auto: {r['auto']['device']} ({r['auto']['reason']})",
     ]
+    for name, reason in r.get("broken_models", {}).items():
+        lines.append(f"broken:      {name}: {reason}")
     if r.get("note"):
         lines.append(f"note:        {r['note']}")
     for name, command in r["missing"].items():
         lines.append(f"to add {name + ':':<10} {command}")
     return "\n".join(lines)
+
+
+def _check_models(folders: list) -> tuple[list, dict[str, str]]:
+    """The folders that check_folder accepts, and why each other one is broken (one bad folder must not stop the
+    report)."""
+    good, broken = [], {}
+    for folder in folders:
+        try:
+            check_folder(folder)
+            good.append(folder)
+        except SdOnnxError as e:
+            broken[folder.name] = str(e)
+    return good, broken
 
 
 def _variants(model) -> list[str]:

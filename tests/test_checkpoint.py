@@ -312,6 +312,9 @@ def test_existing_output_needs_force(sd1, tmp_path):
     message = assert_refused(sd1[0], tmp_path, "already exists", "--force", output=out)
     assert "out" in message and (out / "old.txt").read_text() == "previous export"
 
+    # --force replaces a model folder only: a folder of other files is refused, and kept as it was
+    assert_refused(sd1[0], tmp_path, "not one (no model_index.json", output=out, force=True)
+    (out / "model_index.json").write_text("{}")
     result = export_model(sd1[0], out, force=True)
     assert result.folder == out and (out / "model_index.json").is_file() and (out / "unet" / "model.onnx").is_file()
     assert not (out / "old.txt").exists()
@@ -320,6 +323,23 @@ def test_existing_output_needs_force(sd1, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # odd but valid layouts load
+
+
+@pytest.mark.parametrize("written, named", [("safetensors", ".ckpt"), ("zip", ".safetensors"), ("pickle", ".bin")])
+def test_format_comes_from_the_first_bytes_not_the_name(written, named, sd1, tmp_path):
+    """A safetensors file renamed .ckpt once failed with "Unsupported operand 48" (its header length read as
+    pickle opcodes)."""
+    from safetensors.torch import save_file
+
+    from sd_onnx.export.checkpoint import sniff_format
+
+    path = tmp_path / f"renamed{named}"
+    if written == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd1[1].items()}, str(path))
+    else:
+        torch.save({"state_dict": sd1[1]}, path, _use_new_zipfile_serialization=written == "zip")
+    assert sniff_format(path) == written
+    assert _same_tensors(load_checkpoint(path).state_dict, sd1[1])
 
 
 def test_legacy_pickle_checkpoint_loads(tiny_checkpoint, tmp_path):

@@ -233,6 +233,10 @@ UNET_CASES = [
     pytest.param(2, (8, 12), [981.0], 77, id="b2-8x12-t[1]-77tok"),
     pytest.param(2, (8, 12), [999.5, 10.25], 154, id="b2-8x12-t[B]frac-154tok"),
     pytest.param(1, (12, 8), [0.75], 154, id="b1-12x8-t[1]frac-154tok"),
+    # sides that are multiples of 8 px but not of 64 px (A1111 accepts them): the up-blocks must follow the skip
+    # connections' sizes (latent 9 -> 5 -> 9, not 5 -> 10); 72x136 px and 520x680 px
+    pytest.param(1, (9, 17), [500.0], 77, id="b1-9x17-72x136px"),
+    pytest.param(2, (65, 85), [250.0], 77, id="b2-65x85-520x680px"),
 ]
 
 

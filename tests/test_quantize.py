@@ -67,7 +67,9 @@ def test_int8_variant_is_a_sibling_with_metadata_and_fidelity(base, int8):
 
     assert int8 == base.with_name("tiny-int8")
     meta = check_folder(int8)
-    assert meta["precision"] == "int8" and meta["variant_of"] == {"folder": "tiny", "precision": "fp32"}
+    sha = _meta(base)["source"]["sha256"]
+    assert meta["precision"] == "int8"
+    assert meta["variant_of"] == {"folder": "tiny", "precision": "fp32", "base": f"sha256:{sha}"}
     assert meta["components"]["unet"]["precision"] == "int8"
     assert meta["components"]["vae_decoder"]["precision"] == "fp32"
     fid = meta["fidelity"]
@@ -314,3 +316,18 @@ def test_int8_unet_session_runs_without_the_memory_arena(base, int8):
     assert arena(int8) is False
     assert arena(base) is True and arena(int8, "vae_decoder") is True
     assert arena(base, low_memory=True) is False
+
+
+def test_int8_unet_runs_at_sizes_not_a_multiple_of_64(base, int8):
+    """The exported UNet upsamples to its skip connections' sizes (latent 9x17 = 72x136 px); quantization keeps
+    that graph working and close to fp32."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((1, 4, 9, 17), dtype=np.float32), "timestep": np.array([500.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, 77, 64), dtype=np.float32)}
+    outs = [ort.InferenceSession(str(f / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for f in (base, int8)]
+    assert outs[1].shape == (1, 4, 9, 17)
+    cosine = float((outs[0] * outs[1]).sum() / np.linalg.norm(outs[0]) / np.linalg.norm(outs[1]))
+    assert cosine > 0.9, cosine

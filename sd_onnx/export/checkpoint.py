@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import re
@@ -43,7 +44,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"not a checkpoint file: {path}")
-    if path.suffix.lower() == ".safetensors":
+    if sniff_format(path) == "safetensors":
         data = _load_safetensors(path)
     else:
         data = _load_pickle_checkpoint(path)
@@ -58,6 +59,25 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=path, state_dict=tensors, global_step=global_step)
 
 
+def sniff_format(path: Path) -> str:
+    """'zip' (torch.save), 'pickle' (legacy torch.save), 'safetensors' or 'unknown', by the file's first bytes: a
+    renamed file keeps its format, not its extension."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot read it ({e.strerror or e})") from None
+    # safetensors: an 8-byte little-endian header length (its first byte may well be 0x80), then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80"):
+        return "pickle"
+    return "safetensors" if path.suffix.lower() == ".safetensors" else "unknown"
+
+
 def _load_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -70,10 +90,13 @@ def _load_safetensors(path: Path) -> dict:
 
 def _load_pickle_checkpoint(path: Path) -> object:
     is_zip = zipfile.is_zipfile(path)
+    # torch.load reads a path ending in .safetensors as safetensors: give it a file object then (no mmap)
+    by_name = path.suffix.lower() != ".safetensors"
     try:
-        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_EXTRA_SAFE_GLOBALS), \
+                (contextlib.nullcontext(path) if by_name else open(path, "rb")) as source:
             # weights_only=True: torch's restricted unpickler; nothing from the file is executed.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=is_zip and by_name)
     except pickle.UnpicklingError as e:
         refused = _UNSAFE_GLOBAL.search(str(e))
         if refused:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from sd_onnx import __version__
-from sd_onnx.errors import SdOnnxError
-from sd_onnx.home import METADATA, models_dir
-from sd_onnx.staging import check_writable, dump_json, staged_folder
+from sd_onnx.home import METADATA, folder_bytes, models_dir
+from sd_onnx.staging import (check_free_space, check_output, check_writable, clean_stale_staging, dump_json,
+                              staged_folder)
 
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -41,28 +41,33 @@ def export_model(
 ) -> ExportResult:
     from sd_onnx.export.checkpoint import file_hashes, load_checkpoint
     from sd_onnx.export.convert import build_from_diffusers, build_reference_model
-    from sd_onnx.export.onnx_export import COMPONENTS, DEFAULT_OPSET, export_component
+    from sd_onnx.export.onnx_export import COMPONENTS, check_opset, export_component
 
     start = time.perf_counter()
     source = Path(source)
     output = Path(output) if output is not None else default_output(source)
-    if output.exists() and not force:  # checked again when staging; this spares loading the checkpoint
-        raise SdOnnxError(f"output folder already exists: {output} (use --force to replace it)")
+    opset = check_opset(opset)
+    # checked again when staging; this spares loading the checkpoint
+    check_output(output, force, [source] + ([Path(config)] if config is not None else []))
     check_writable(output.parent)
+    clean_stale_staging(output.parent)  # a killed export's leftovers count against the free space below
 
     if source.is_dir():
         model = build_from_diffusers(source, family)
         hashes: dict = {}
+        need = folder_bytes(source)
     else:
         log(f"reading {source}")
         ckpt = load_checkpoint(source)
+        need = export_bytes(ckpt.state_dict)
+        check_free_space(output.parent, need)  # before the minutes of conversion
         model = build_reference_model(ckpt, family, config)
         hashes = file_hashes(source)
         del ckpt
         gc.collect()
     log(f"family {model.family.name} ({model.family_reason}); config: {model.config_source}")
 
-    with staged_folder(output, force) as tmp:
+    with staged_folder(output, force, need) as tmp:
         seconds = {}
         fused: dict[str, int] = {}
         unet_config = dict(model.unet.config)
@@ -71,7 +76,7 @@ def export_model(
         for spec in COMPONENTS:
             t0 = time.perf_counter()
             log(f"exporting {spec.name}")
-            export_component(spec, modules[spec.name], tmp / spec.name, opset or DEFAULT_OPSET)
+            export_component(spec, modules[spec.name], tmp / spec.name, opset)
             seconds[spec.name] = round(time.perf_counter() - t0, 2)
             if spec.name == "unet":
                 model.unet = modules["unet"] = None  # release 3.4 GB before the VAE export
@@ -82,8 +87,34 @@ def export_model(
                     log("fusing attention and LayerNorm in the UNet graph")
                     fused = optimize_unet(tmp / "unet" / "model.onnx")
         _write_configs(tmp, model, unet_config)
-        _write_metadata(tmp, model, source, hashes, opset or DEFAULT_OPSET, fused)
+        _write_metadata(tmp, model, source, hashes, opset, fused)
+    _report_stale_variants(output, log)
     return ExportResult(output, model.family.name, model.prediction_type, round(time.perf_counter() - start, 2), seconds)
+
+
+# The bytes an export writes per weight byte of the checkpoint, at its peak: every weight once in fp32, the UNet's
+# (about 80% of them) a second time while the attention fusion rewrites its data file.
+PEAK_COPIES = 2.0
+LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+
+
+def export_bytes(state_dict: dict) -> int:
+    """What an export of these weights writes at its peak (fp32 weights, the UNet's twice), from their count."""
+    total = sum(t.numel() * 4 for k, t in state_dict.items() if k.startswith(LDM_PREFIXES) and t.is_floating_point())
+    return int(total * PEAK_COPIES)
+
+
+def _report_stale_variants(output: Path, log: Callable[[str], None]) -> None:
+    """Variants of the folder's previous contents stay beside it: say which, and that generate now ignores them."""
+    from sd_onnx.home import check_folder
+    from sd_onnx.runtime.variants import PRECISIONS, is_variant, stale_reason, variant_path
+
+    stale = [variant_path(output, p) for p in PRECISIONS[1:] if is_variant(variant_path(output, p), p)]
+    stale = [path for path in stale if stale_reason(path, check_folder(path))]
+    if stale:
+        names = ", ".join(path.name for path in stale)
+        log(f"left stale: {names} (made from the previous {output.name}; generate ignores them: remake them with "
+            f"`sd-onnx quantize {output} --<precision> --force`)")
 
 
 def _write_configs(folder: Path, model, unet_config: dict) -> None:

@@ -10,6 +10,12 @@ from typing import Callable
 
 import torch
 
+from sd_onnx.errors import UsageError
+
+# The ONNX opsets the export supports: attention (scaled_dot_product_attention) exports from 14, where ONNX Runtime's
+# fusions still find every attention and LayerNorm (measured on the tiny UNet at 14, 16, 17, 18, 20); the upper
+# bound is what torch's TorchScript exporter writes (20 in torch 2.13).
+MIN_OPSET = 14
 DEFAULT_OPSET = 17
 EXTERNAL_DATA = "model.onnx_data"
 
@@ -70,8 +76,12 @@ def _text_example(model) -> tuple:
 
 def _unet_example(model) -> tuple:
     cfg = model.config
+    # A latent side that is not a multiple of the UNet's overall upsampling factor: diffusers then passes each
+    # up-block the size of its skip connection, so the traced graph upsamples to that size instead of x2 and
+    # every latent size works (a 72 px or 520 px image: latent 9 or 65, downsampled 9 -> 5 -> 3 -> 2).
+    side = 2 ** model.num_upsamplers + 1
     return (
-        torch.randn(2, cfg.in_channels, 8, 8),
+        torch.randn(2, cfg.in_channels, side, side + 2),
         torch.tensor([500.0]),
         torch.randn(2, 77, cfg.cross_attention_dim),
     )
@@ -100,6 +110,16 @@ COMPONENTS = (
                   {"latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
                    "sample": {0: "batch", 2: "height", 3: "width"}}),
 )
+
+
+def check_opset(opset: int | None) -> int:
+    """--opset within what torch's TorchScript exporter writes and the export's fusions need, else one line."""
+    max_opset = getattr(torch.onnx._constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    if opset is None:
+        return DEFAULT_OPSET
+    if not MIN_OPSET <= opset <= max_opset:
+        raise UsageError(f"--opset {opset} is not supported: choose {MIN_OPSET}..{max_opset} (default {DEFAULT_OPSET})")
+    return opset
 
 
 def export_component(spec: ComponentSpec, model: torch.nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:

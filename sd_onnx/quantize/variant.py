@@ -9,10 +9,10 @@ from typing import Callable
 
 from sd_onnx import __version__
 from sd_onnx.errors import UsageError
-from sd_onnx.home import METADATA, check_folder, find_model
+from sd_onnx.home import METADATA, check_folder, find_model, folder_bytes
 from sd_onnx.quantize.graphs import copy_file
-from sd_onnx.runtime.variants import base_folder, has_bf16, precision_of, variant_path
-from sd_onnx.staging import dump_json, staged_folder
+from sd_onnx.runtime.variants import base_folder, base_identity, has_bf16, precision_of, variant_path
+from sd_onnx.staging import check_free_space, check_output, clean_stale_staging, dump_json, staged_folder
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 # What each precision converts unless --components says otherwise. int8 touches only the UNet: it is 86% of the
@@ -62,7 +62,7 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
         raise UsageError(f"{base} is already a {precision_of(meta)} variant; quantize its fp32 original "
                          f"({base_folder(base, meta)}) instead")
     _check_settings(options)
-    components = _components(options.components, precision, meta)
+    components = _components(options.components, precision, meta, base, log)
     if precision == "bf16" and not options.any_cpu and not has_bf16(cpu_info()["flags"]):
         raise UsageError("this CPU has no AVX512-BF16 or AMX, so a bf16 variant would run slower than fp32 here; "
                          "make it on the machine that will run it, or pass --any-cpu to build it anyway")
@@ -72,8 +72,13 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
     calib_size = options.calibration_size or max(64, size // 2 // 8 * 8)
     fid_size = options.fidelity_size or calib_size
     prompts = read_prompts(options.prompts_file, options.calibration_prompts)
+    check_output(output, options.force, [base])
+    clean_stale_staging(output.parent)  # a killed quantize's leftovers count against the free space below
+    # the variant is at most a copy of the folder; typed working copies of a converted graph come on top
+    need = folder_bytes(base) + max((folder_bytes(base / c) for c in components), default=0)
+    check_free_space(output.parent, need)
 
-    with staged_folder(output, options.force) as tmp:
+    with staged_folder(output, options.force, need) as tmp:
         _copy_unchanged(base, tmp, components)
         recording = None
         if precision in ("int8", "fp16"):
@@ -89,9 +94,10 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
                                           recording.for_component(component) if recording else [])
             details[component]["seconds"] = round(time.perf_counter() - t0, 1)
         new_meta = dict(meta)
-        new_meta.update(precision=precision, variant_of={"folder": base.name, "precision": "fp32"})
+        new_meta.update(precision=precision, variant_of={"folder": base.name, "precision": "fp32",
+                                                         "base": base_identity(base, meta)})
         new_meta["components"] = {name: dict(info, precision=precision if name in components else info["precision"])
-                                  for name, info in meta["components"].items()}
+                                  for name, info in _listed_components(meta).items() if (tmp / info["file"]).is_file()}
         new_meta["quantization"] = {"sd_onnx": __version__, "components": details,
                                     "calibration": {"prompts": prompts, "steps": options.calibration_steps,
                                                     "size": calib_size} if recording else None}
@@ -114,14 +120,29 @@ def _check_settings(options: QuantizeOptions) -> None:
             raise UsageError(f"{flag} must be a multiple of 8 and at least 64, got {value}")
 
 
-def _components(requested: tuple[str, ...] | None, precision: str, meta: dict) -> tuple[str, ...]:
+def _components(requested: tuple[str, ...] | None, precision: str, meta: dict, base: Path,
+                log: Callable[[str], None]) -> tuple[str, ...]:
+    """The components to convert: those asked for, else the precision's default ones that the folder has (a
+    folder without vae_encoder is complete for txt2img)."""
+    present = tuple(c for c in COMPONENTS if (base / c / "model.onnx").is_file())
     if not requested:
-        return DEFAULT_COMPONENTS[precision]
+        missing = [c for c in DEFAULT_COMPONENTS[precision] if c not in present]
+        if missing:
+            log(f"skipping {', '.join(missing)}: not in {base}")
+        return tuple(c for c in DEFAULT_COMPONENTS[precision] if c in present)
     available = tuple(meta.get("components", {})) or COMPONENTS
-    unknown = [c for c in requested if c not in available]
+    unknown = [c for c in requested if c not in available and c not in COMPONENTS]
     if unknown:
         raise UsageError(f"unknown component '{unknown[0]}'; valid: {', '.join(available)}")
+    absent = [c for c in requested if c not in present]
+    if absent:
+        raise UsageError(f"{base} has no {absent[0]} (no {absent[0]}/model.onnx): leave it out of --components")
     return tuple(dict.fromkeys(requested))
+
+
+def _listed_components(meta: dict) -> dict:
+    """sd_onnx.json's components, or the standard ones for a folder that optimum or diffusers wrote."""
+    return meta.get("components") or {c: {"file": f"{c}/model.onnx", "precision": "fp32"} for c in COMPONENTS}
 
 
 # What the quantize extra adds (sympy: ONNX Runtime's symbolic shape inference), and ONNX Runtime's quantizer.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
+from typing import Callable
 
 from sd_onnx.errors import ModelFolderError, UsageError
-from sd_onnx.home import check_folder
+from sd_onnx.home import METADATA, check_folder, read_metadata
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 GPU_DEVICES = ("cuda", "rocm", "migraphx", "dml", "openvino:gpu")
@@ -23,7 +26,39 @@ def variant_path(base: Path, precision: str) -> Path:
 
 def base_folder(folder: Path, meta: dict) -> Path:
     name = meta.get("variant_of", {}).get("folder")
-    return folder.with_name(name) if name else folder
+    return folder.with_name(name) if isinstance(name, str) and name else folder
+
+
+def base_identity(folder: Path, meta: dict) -> str:
+    """What a variant records of the fp32 folder it was made from: the source checkpoint's sha256, or, for a folder
+    exported from a diffusers folder (no hash), a stamp of its files' names, sizes and modification times."""
+    sha = meta.get("source", {}).get("sha256")
+    if isinstance(sha, str) and sha:
+        return f"sha256:{sha}"
+    stamp = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != METADATA):
+        stat = path.stat()
+        stamp.update(f"{path.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return f"files:{stamp.hexdigest()[:32]}"
+
+
+def stale_reason(variant: Path, meta: dict) -> str | None:
+    """Why a variant no longer matches the fp32 folder beside it (re-exported from another checkpoint since), or
+    None when it matches or its original is gone (a standalone variant is a complete folder of its own)."""
+    base = base_folder(variant, meta)
+    if base == variant or not (base / "model_index.json").is_file():
+        return None
+    recorded = meta.get("variant_of", {}).get("base")
+    base_meta = read_metadata(base)
+    if recorded is None:  # made before variants recorded their base: only a base written after it is suspect
+        try:
+            newer = (base / METADATA).stat().st_mtime > (variant / METADATA).stat().st_mtime
+        except OSError:
+            return None
+        return f"{base.name} was exported again after {variant.name} was made" if newer else None
+    if recorded != base_identity(base, base_meta):
+        return f"{variant.name} was made from another export of {base.name} (re-exported since)"
+    return None
 
 
 def has_bf16(cpu_flags: list[str]) -> bool:
@@ -39,25 +74,43 @@ def auto_preference(device: str, cpu_flags: list[str]) -> tuple[str, ...]:
     return ()
 
 
-def choose_variant(folder: Path, precision: str, device: str, cpu_flags: list[str]) -> tuple[Path, str]:
-    """The folder to run for --precision (auto or one of PRECISIONS), and a line saying why."""
+def _notice(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def choose_variant(folder: Path, precision: str, device: str, cpu_flags: list[str],
+                   notice: Callable[[str], None] = _notice) -> tuple[Path, str]:
+    """The folder to run for --precision (auto or one of PRECISIONS), and a line saying why. A variant made from
+    another export of its original is skipped by auto (with a notice) and refused when asked for."""
     if precision != "auto" and precision not in PRECISIONS:
         raise UsageError(f"unknown precision '{precision}'; valid: auto, {', '.join(PRECISIONS)}")
     meta = check_folder(folder)
     own = precision_of(meta)
+    if own != "fp32" and precision in (own, "auto"):  # a variant named by its folder is used as given
+        stale = stale_reason(folder, meta)
+        if stale:
+            notice(f"note: {stale}; using it as given (remake it with `sd-onnx quantize "
+                   f"{base_folder(folder, meta)} --{own} --force`)")
+        return folder, f"{own} (requested)" if precision == own else f"{own} (the folder given is the {own} variant)"
     if precision == own:
         return folder, f"{own} (requested)"
     if precision == "auto":
-        if own != "fp32":
-            return folder, f"{own} (the folder given is the {own} variant)"
         for candidate in auto_preference(device, cpu_flags):
             path = variant_path(folder, candidate)
             if is_variant(path, candidate):
-                return path, f"{candidate} (variant found beside the model; --precision fp32 for the original)"
+                stale = stale_reason(path, check_folder(path))
+                if stale is None:
+                    return path, f"{candidate} (variant found beside the model; --precision fp32 for the original)"
+                notice(f"note: ignoring {path.name}: {stale} (remake it with `sd-onnx quantize {folder} "
+                       f"--{candidate} --force`)")
         return folder, "fp32"
     base = base_folder(folder, meta)
     path = base if precision == "fp32" else variant_path(base, precision)
     if is_variant(path, precision):
+        stale = stale_reason(path, check_folder(path)) if precision != "fp32" else None
+        if stale:
+            raise ModelFolderError(f"{path} is stale: {stale}; remake it with `sd-onnx quantize {base} "
+                                   f"--{precision} --force`")
         return path, f"{precision} (requested)"
     hint = (f"the original of this variant is not at {path}" if precision == "fp32"
             else f"make it with `sd-onnx quantize {base} --{precision}`")
