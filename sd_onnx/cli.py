@@ -34,6 +34,14 @@ def _out(text: str) -> None:
         os.close(devnull)
 
 
+def _fill_mode(text: str) -> int:
+    from sd_onnx.runtime.masks import FILL_MODES
+
+    if text not in FILL_MODES:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(FILL_MODES)}, got {text!r}")
+    return FILL_MODES[text]
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -71,7 +79,9 @@ def cmd_img2img(args: argparse.Namespace) -> int:
 # request field -> CLI option (dest); options left at None fall back to the PNG's values, then the defaults
 _REQUEST_OPTIONS = ("negative_prompt", "steps", "cfg_scale", "sampler", "seed", "width", "height", "batch_size",
                     "batch_count", "randn_source", "denoising_strength", "enable_hr", "hr_scale", "hr_resize_x",
-                    "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "init_image", "resize_mode")
+                    "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "init_image", "resize_mode", "mask",
+                    "mask_blur", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
+                    "inpainting_mask_invert", "inpainting_mask_weight")
 
 
 def _run_generation(args: argparse.Namespace, request_type) -> int:
@@ -235,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--denoising-strength", type=float, help="0 keeps the picture, 1 replaces it (default 0.75)")
     p.add_argument("--resize-mode", type=int, choices=[0, 1, 2, 3],
                    help="0 just resize (default), 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)")
+    m = p.add_argument_group("inpainting (A1111's Inpaint tab; white in the mask is repainted)")
+    m.add_argument("--mask", metavar="FILE", help="the mask: grey levels, or an RGBA picture's transparency")
+    m.add_argument("--mask-blur", type=int, help="Gaussian blur of the mask edge, px (default 4)")
+    m.add_argument("--inpainting-fill", type=_fill_mode, metavar="MODE",
+                   help="masked content: fill, original (default), latent-noise, latent-nothing")
+    m.add_argument("--inpaint-full-res", action="store_const", const=True,
+                   help='"Only masked": work on the mask\'s box (plus padding) at the requested size, paste it back')
+    m.add_argument("--inpaint-full-res-padding", type=int, help="px around the mask's box (default 32)")
+    m.add_argument("--inpainting-mask-invert", action="store_const", const=True, help="repaint the black part")
+    m.add_argument("--inpainting-mask-weight", type=float,
+                   help="inpainting models: how much of the picture the masked area's conditioning keeps out "
+                        "(A1111's conditioning mask strength, default 1)")
     p.set_defaults(func=cmd_img2img, width=None, height=None)
 
     p = sub.add_parser("quantize", help="make an int8, bf16 or fp16 variant of a model folder, with a fidelity report")

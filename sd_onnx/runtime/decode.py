@@ -42,13 +42,14 @@ def encode(model, pictures: list[Image.Image]) -> NDArray[np.float32]:
     noise (A1111 samples the posterior with the global torch generator; the two differ by at most the posterior's
     small standard deviation). An optimum folder's `latent_parameters` (mean and log-variance) is cut to the mean.
     """
+    return np.concatenate([encode_pixels(model, from_image(picture)) for picture in pictures])
+
+
+def encode_pixels(model, x: NDArray) -> NDArray[np.float32]:
+    """[1,3,H,W] in [-1, 1] -> the scaled posterior mean [1,C,H/8,W/8] (see encode)."""
     session = model.session("vae_encoder")
     channels = model.latent_channels
     run = lambda t: session.run({"sample": t})[0][:, :channels]  # noqa: E731  (mean of mean + log-variance)
-    latents = []
-    for picture in pictures:
-        x = from_image(picture)
-        moments = encode_tiled(run, x) if model.low_memory else run(x)
-        latents.append(check_finite(moments, "VAE encoder") * np.float32(model.scaling_factor))
-    return np.concatenate(latents).astype(np.float32)
+    moments = encode_tiled(run, x) if model.low_memory else run(x)
+    return (check_finite(moments, "VAE encoder") * np.float32(model.scaling_factor)).astype(np.float32)
 

@@ -47,6 +47,12 @@ class Denoiser:
         self.sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # ascending in t
         self.log_sigmas = np.log(self.sigmas)
         self._last: Callable[[], Array] | None = None
+        self.inpaint: tuple[Array, Array] | None = None  # (init latent, nmask: 1 = repaint), A1111's mask blending
+
+    def _keep(self, fresh: Array) -> Array:
+        """Inpainting on a normal model: outside the mask the init latent replaces `fresh` (A1111's CFGDenoiser)."""
+        init, nmask = self.inpaint
+        return init * (1.0 - nmask) + nmask * fresh
 
     def last_denoised(self) -> Array | None:
         """The clean-latent prediction of the latest UNet call (A1111's `last_latent`): what an interrupted run
@@ -79,6 +85,8 @@ class Denoiser:
             denoised = x - out * sigma
         else:
             denoised = out * (-sigma * c_in) + x * (c_in * c_in)
+        if self.inpaint is not None:  # k-diffusion samplers blend the prediction
+            denoised = self._keep(denoised)
         self._last = lambda: denoised
         return denoised
 
@@ -91,6 +99,8 @@ class Denoiser:
 
     def eps(self, x: Array, t: float) -> Array:
         """The noise prediction for a VP-space latent x at timestep t (what DDIM/PLMS/UniPC step with)."""
+        if self.inpaint is not None:  # A1111's timestep samplers blend the input (mask_before_denoising)
+            x = self._keep(x)
         out = self._unet(x, t)
         a = self.alpha_bar(t)
         e_t = out if self.prediction_type == "epsilon" else out * math.sqrt(a) + x * math.sqrt(1.0 - a)

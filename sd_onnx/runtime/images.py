@@ -15,11 +15,14 @@ from sd_onnx.errors import SdOnnxError, UsageError
 MAX_CLAIM_TRIES = 1000
 
 
-def open_image(path: Path) -> Image.Image:
-    """A picture file, fully read, as RGB; transparency goes on white (A1111's default img2img background)."""
+def open_image(path: Path, keep_alpha: bool = False) -> Image.Image:
+    """A picture file, fully read, as RGB; transparency goes on white (A1111's default img2img background).
+    `keep_alpha` (masks, whose alpha may be the painted part): RGBA when the file has transparency."""
     try:
         with Image.open(path) as im:
             im.load()
+            if keep_alpha and (im.mode in ("RGBA", "LA") or "transparency" in im.info):
+                return im.convert("RGBA")
             if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
                 rgba = im.convert("RGBA")
                 flat = Image.new("RGB", rgba.size, (255, 255, 255))

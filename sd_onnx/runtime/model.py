@@ -66,6 +66,7 @@ class LoadedModel:
         vae = vae_config(self.folder)
         self.scaling_factor = read_scaling_factor(self.folder, self.meta, vae)
         self.latent_channels = int(vae.get("latent_channels", 4))
+        self.unet_in_channels = unet_in_channels(self.folder)
         self._sessions: dict[str, Session] = {}
         self._tokenizer: ClipTokenizer | None = None
 
@@ -121,6 +122,15 @@ def read_schedule(folder: Path) -> Schedule:
                         int(config.get("num_train_timesteps", 1000)), str(config.get("prediction_type", "epsilon")))
     except (OSError, ValueError, TypeError) as e:
         raise ModelFolderError(f"{path}: unreadable scheduler config ({e})") from None
+
+
+def unet_in_channels(folder: Path) -> int:
+    """4, or 9 for an inpainting UNet (latent + mask + masked-picture latent), from unet/config.json."""
+    try:
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        return int(config.get("in_channels", 4)) if isinstance(config, dict) else 4
+    except (OSError, ValueError, TypeError):
+        return 4
 
 
 def vae_config(folder: Path) -> dict:

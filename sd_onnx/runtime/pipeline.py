@@ -15,7 +15,8 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from sd_onnx import __version__
-from sd_onnx.runtime import decode
+from sd_onnx.errors import UsageError
+from sd_onnx.runtime import decode, masks
 from sd_onnx.runtime.control import RunControl, StopSampling
 from sd_onnx.runtime.denoiser import GuidedUNet
 from sd_onnx.runtime.encode import Conditioning, encode_prompts
@@ -61,21 +62,28 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
 
     with clock("text_encoder_s"):
         cond = encode_prompts(model, request.prompt, request.negative_prompt)
-    init = _init_latent(model, request, clock) if isinstance(request, Img2ImgRequest) else None
+    init = _img2img_init(model, request, seed, clock) if isinstance(request, Img2ImgRequest) else None
+    concat = init.concat if init is not None else _txt2img_concat(model, request, clock)
     with clock("unet_load_s"):
         unet = model.session("unet")
-    denoiser = model.denoiser(GuidedUNet(unet, cond, request.cfg_scale))
+    guided = GuidedUNet(unet, cond, request.cfg_scale)
+    denoiser = model.denoiser(guided)
     for batch in range(request.batch_count):
         control.batch, control.skipped = batch, False
         # A1111 keeps counting past 2**32 - 1: seeds beyond it still seed torch's generators (low 32 bits on the CPU)
         seeds = [seed + batch * request.batch_size + j for j in range(request.batch_size)]
         label = f"batch {batch + 1}/{request.batch_count}" if request.batch_count > 1 else "sampling"
         with clock("sampling_s"):
-            start = None if init is None else img2img_start(np.repeat(init, len(seeds), axis=0), request.steps,
-                                                             request.denoising_strength)
+            guided.concat = None if concat is None else np.repeat(concat, len(seeds), axis=0)
+            start = None if init is None else img2img_start(np.repeat(init.latent, len(seeds), axis=0),
+                                                             request.steps, request.denoising_strength)
+            if init is not None and init.nmask is not None:
+                denoiser.inpaint = (start.latent, init.nmask)
             latents = _sample(denoiser, request, seeds, control.watch(label, denoiser, progress(label) if progress
                                                                       else None), start,
                               (request.height // 8, request.width // 8))
+            if init is not None and init.nmask is not None:  # A1111 blends the final latent once more
+                latents = latents * init.nmask + start.latent * (1 - init.nmask)
         last = batch == request.batch_count - 1 or control.interrupted
         if request.enable_hr and not (control.interrupted or control.skipped):
             latents = _hires(model, request, cond, latents, seeds, progress, clock, last, control)
@@ -85,9 +93,12 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
             pictures = decode.decode(model, latents)
             if last or request.enable_hr:
                 model.release("vae_decoder")
+        if init is not None and init.mask is not None:
+            pictures = [masks.apply_overlay(picture, init.mask) for picture in pictures]
         for j, (picture, image_seed, latent) in enumerate(zip(pictures, seeds, latents)):
-            yield GeneratedImage(picture, image_seed, format_infotext(request.prompt, request.negative_prompt,
-                                                               settings(request, image_seed, model, j)), latent)
+            extra = init.settings if init is not None else {}
+            yield GeneratedImage(picture, image_seed, format_infotext(
+                request.prompt, request.negative_prompt, settings(request, image_seed, model, j, extra)), latent)
         if control.interrupted:
             break
     model.release("unet")
@@ -118,18 +129,84 @@ def _sample(denoiser, request: GenerateRequest, seeds: list[int], callback, star
         return (start.latent if start is not None else rng.first()) if latest is None else latest
 
 
-def _init_latent(model: LoadedModel, request: Img2ImgRequest, clock) -> NDArray:
+@dataclass
+class _Init:
+    """img2img's start: the encoded picture, and for inpainting the prepared mask, the latent blend mask and (for a
+    9-channel inpainting UNet) the extra input channels."""
+
+    latent: NDArray
+    mask: masks.PreparedMask | None = None
+    nmask: NDArray | None = None  # [1,4,h,w], 1 = repaint
+    concat: NDArray | None = None
+    settings: dict = field(default_factory=dict)
+
+
+def _img2img_init(model: LoadedModel, request: Img2ImgRequest, seed: int, clock) -> _Init:
     """A1111's img2img init: the picture resized by the resize mode and encoded; mode 3 encodes it at its own size
-    (rounded to whole latent pixels) and resizes the latent bilinearly."""
+    (rounded to whole latent pixels) and resizes the latent bilinearly. With a mask: A1111's mask preparation, the
+    masked-content fill, and for an inpainting model its conditioning."""
     with clock("vae_encode_s"):
         image = request.init_image.convert("RGB")
-        if request.resize_mode == 3:
+        prepared = None
+        if request.mask is not None:
+            prepared = masks.prepare(image, request.mask, request.width, request.height, request.resize_mode,
+                                     request.mask_blur, request.inpainting_mask_invert, request.inpaint_full_res,
+                                     request.inpaint_full_res_padding, request.inpainting_fill)
+            latent = decode.encode(model, [prepared.image])
+        elif request.resize_mode == 3:
             image = image.resize((max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)), Image.Resampling.LANCZOS)
             latent = resize_latent(decode.encode(model, [image]), request.width // 8, request.height // 8, "Latent")
         else:
             latent = decode.encode(model, [resize_image(request.resize_mode, image, request.width, request.height)])
+        init = _Init(latent)
+        if prepared is not None:
+            init.mask, init.settings = prepared, dict(prepared.settings)
+            init.nmask = np.broadcast_to(prepared.latent_mask, latent.shape).astype(np.float32)
+            if request.inpainting_fill == 2:  # A1111 draws it once, from the first batch's seeds
+                noise = ImageRng([seed], latent.shape[1:], source=request.randn_source).first()
+                init.latent = latent * (1 - init.nmask) + noise * init.nmask
+            elif request.inpainting_fill == 3:
+                init.latent = latent * (1 - init.nmask)
+        if model.unet_in_channels > 4:
+            init.concat = _inpainting_conditioning(model, prepared.image if prepared else None,
+                                                   prepared.pixel_mask if prepared else None, init.latent.shape,
+                                                   request.inpainting_mask_weight)
+            init.settings["Conditional mask weight"] = request.inpainting_mask_weight
+        elif request.inpainting_mask_weight != 1.0:
+            raise UsageError("--inpainting-mask-weight is for inpainting models (a UNet with 9 input channels); "
+                             f"{model.name}'s takes {model.unet_in_channels}")
         model.release("vae_encoder")
-    return latent
+    return init
+
+
+def _inpainting_conditioning(model: LoadedModel, picture: Image.Image | None, mask: Image.Image | None,
+                             latent_shape: tuple, weight: float) -> NDArray:
+    """A1111's inpainting_image_conditioning: [mask, latent of the picture with the masked part blanked by
+    `weight`], the mask rounded and resized (nearest) to the latent. Without a mask, the whole picture counts as
+    masked (what A1111 gives an inpainting model in txt2img is the grey-picture case of this)."""
+    _, _, h, w = latent_shape
+    if mask is None:
+        cond_mask = np.ones((1, 1, h * 8, w * 8), dtype=np.float32)
+    else:
+        cond_mask = np.round(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+    source = decode.from_image(picture) if picture is not None else np.zeros((1, 3, h * 8, w * 8), np.float32)
+    blanked = source + (source * (1.0 - cond_mask) - source) * weight  # torch.lerp
+    latent = decode.encode_pixels(model, blanked)
+    rows = (np.arange(h) * cond_mask.shape[2] / h).astype(int)
+    cols = (np.arange(w) * cond_mask.shape[3] / w).astype(int)
+    small = cond_mask[:, :, rows][:, :, :, cols]
+    return np.concatenate([small, latent], axis=1).astype(np.float32)
+
+
+def _txt2img_concat(model: LoadedModel, request: GenerateRequest, clock) -> NDArray | None:
+    """An inpainting model in txt2img: a mask of ones over the latent of a mid-grey picture (A1111's
+    txt2img_image_conditioning)."""
+    if model.unet_in_channels <= 4:
+        return None
+    with clock("vae_encode_s"):
+        concat = _inpainting_conditioning(model, None, None, (1, 4, request.height // 8, request.width // 8), 1.0)
+        model.release("vae_encoder")
+    return concat
 
 
 def _hires(model: LoadedModel, request: GenerateRequest, cond: Conditioning, latents: NDArray, seeds: list[int],
@@ -164,7 +241,7 @@ def _hires(model: LoadedModel, request: GenerateRequest, cond: Conditioning, lat
     return latents
 
 
-def settings(request: GenerateRequest, seed: int, model: LoadedModel, batch_pos: int) -> dict:
+def settings(request: GenerateRequest, seed: int, model: LoadedModel, batch_pos: int, extra: dict | None = None) -> dict:
     """A1111's generation parameters for one image, in its order."""
     out: dict[str, object] = {
         "Steps": request.steps,
@@ -193,6 +270,7 @@ def settings(request: GenerateRequest, seed: int, model: LoadedModel, batch_pos:
         if request.hr_second_pass_steps:
             out["Hires steps"] = request.hr_second_pass_steps
         out["Hires upscaler"] = request.hr_upscaler
+    out.update(extra or {})
     if request.randn_source == "cpu":
         out["RNG"] = "CPU"  # A1111 defaults to its GPU source and marks CPU noise this way
     out["Version"] = f"sd-onnx {__version__}"

@@ -10,7 +10,8 @@ from PIL import Image
 
 from sd_onnx.errors import UsageError
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # the range a random seed is drawn from, as in A1111
+SEED_LIMIT = 2**64  # what a given seed may be: torch's generators take 64 bits (the CPU one uses the low 32)
 # A1111's UI bounds: sides up to 2048 px (ui-config.json raises them; here SD_ONNX_MAX_SIZE), at most 8 images a
 # batch and 100 batches. Past them a CPU run takes days and cannot be stopped between steps.
 DEFAULT_MAX_SIZE = 2048
@@ -85,8 +86,9 @@ class GenerateRequest:
             raise UsageError(f"batch count must be between 1 and {MAX_BATCH_COUNT}, got {self.batch_count}")
         if not 0 <= self.cfg_scale <= 100:
             raise UsageError(f"CFG scale must be between 0 and 100, got {self.cfg_scale}")
-        if self.seed != -1 and not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
+        last = self.seed + self.batch_size * self.batch_count - 1
+        if self.seed != -1 and not (0 <= self.seed and last < SEED_LIMIT):
+            raise UsageError(f"seed must be -1 (random) or between 0 and 2**64 - 1 for every image, got {self.seed}")
         if self.randn_source not in ("cpu", "gpu"):
             raise UsageError(f"noise source must be 'cpu' or 'gpu', got '{self.randn_source}'")
         if self.uses_strength and not 0 <= self.denoising_strength <= 1:
@@ -148,6 +150,14 @@ class Img2ImgRequest(GenerateRequest):
     init_image: Path | str | Image.Image | None = None
     resize_mode: int = 0
     denoising_strength: float = 0.75
+    # inpainting (A1111's img2img "Inpaint" tab): white in the mask is repainted
+    mask: Path | str | Image.Image | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "Only masked"
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    inpainting_mask_weight: float = 1.0  # inpainting (9-channel) models only
 
     @property
     def uses_strength(self) -> bool:
@@ -164,6 +174,8 @@ class Img2ImgRequest(GenerateRequest):
             raise UsageError("img2img needs an init image")
         if not isinstance(self.init_image, Image.Image):
             self.init_image = open_image(Path(self.init_image))
+        if self.mask is not None:
+            self._validate_mask(open_image)
         if not self.width:
             self.width = max(MIN_SIZE, round(self.init_image.width / 8) * 8)
         if not self.height:
@@ -172,3 +184,31 @@ class Img2ImgRequest(GenerateRequest):
             raise UsageError(f"resize mode must be one of {', '.join(f'{k} ({v})' for k, v in RESIZE_MODES.items())}, "
                              f"got {self.resize_mode}")
         super().validate()
+
+    def _validate_mask(self, open_image) -> None:
+        from sd_onnx.runtime.masks import binary_mask
+
+        if not isinstance(self.mask, Image.Image):
+            self.mask = open_image(Path(self.mask), keep_alpha=True)
+        if self.resize_mode == 3:
+            raise UsageError("resize mode 3 (latent upscale) cannot take a mask; use 0, 1 or 2")
+        if not 0 <= self.mask_blur <= 64:
+            raise UsageError(f"mask blur must be between 0 and 64, got {self.mask_blur}")
+        if self.inpainting_fill not in (0, 1, 2, 3):
+            raise UsageError(f"inpainting fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                             f"got {self.inpainting_fill}")
+        if not 0 <= self.inpaint_full_res_padding <= 256:
+            raise UsageError(f"only-masked padding must be between 0 and 256 px, got {self.inpaint_full_res_padding}")
+        if not 0 <= self.inpainting_mask_weight <= 1:
+            raise UsageError(f"inpainting mask weight must be between 0 and 1, got {self.inpainting_mask_weight}")
+        image_ratio = self.init_image.width / self.init_image.height
+        mask_ratio = self.mask.width / self.mask.height
+        if abs(image_ratio / mask_ratio - 1) > 0.05:  # A1111 would stretch one onto the other
+            raise UsageError(f"the mask ({self.mask.width}x{self.mask.height}) and the image ({self.init_image.width}x"
+                             f"{self.init_image.height}) have different shapes; make the mask from the image")
+        binary = binary_mask(self.mask)
+        if self.inpainting_mask_invert:
+            binary = binary.point(lambda v: 255 - v)
+        if not binary.getbbox():
+            raise UsageError("the mask is empty (nothing white to repaint): nothing to do; use img2img without --mask "
+                             "to change the whole picture")
