@@ -206,6 +206,7 @@ def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sd_onnx.components import NAMES as COMPONENT_NAMES
     from sd_onnx.runtime.samplers import SAMPLER_NAMES
     from sd_onnx.runtime.upscale import UPSCALER_NAMES
 
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                       help="fp16 for GPU providers (overflowing ops kept fp32)")
     p.add_argument("-o", "--output", help="output folder (default: <model>-<precision> beside the model)")
-    p.add_argument("--components", help="comma-separated: text_encoder,unet,vae_encoder,vae_decoder "
+    p.add_argument("--components", help=f"comma-separated: {','.join(COMPONENT_NAMES)} "
                                         "(default: unet for int8, all for bf16/fp16)")
     p.add_argument("--calibration-prompts", metavar="FILE", help="prompts, one per line (default: built-in)")
     p.add_argument("--calibration-steps", type=int, default=8, help="denoising steps recorded per prompt")

@@ -7,11 +7,12 @@ import math
 import os
 from pathlib import Path
 
+from sd_onnx import components
 from sd_onnx.errors import ModelFolderError
 
 METADATA = "sd_onnx.json"
-REQUIRED = ("model_index.json", "text_encoder/model.onnx", "unet/model.onnx", "vae_decoder/model.onnx",
-            "tokenizer/vocab.json", "scheduler/scheduler_config.json")
+REQUIRED = ("model_index.json", *(f"{name}/model.onnx" for name in components.REQUIRED), "tokenizer/vocab.json",
+            "scheduler/scheduler_config.json")
 
 
 def home() -> Path:

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sd_onnx import __version__
+from sd_onnx import __version__, components
 from sd_onnx.home import METADATA, folder_bytes, models_dir
 from sd_onnx.staging import (check_free_space, check_output, check_writable, clean_stale_staging, dump_json,
                               staged_folder)
 
-COMPONENT_ORDER = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENT_ORDER = components.NAMES
 
 
 @dataclass

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from sd_onnx.components import BY_NAME
+
 from sd_onnx.errors import UsageError
 
 # The ONNX opsets the export supports: attention (scaled_dot_product_attention) exports from 14, where ONNX Runtime's
@@ -95,18 +97,23 @@ def _vae_dec_example(model) -> tuple:
     return (torch.randn(1, model.config.latent_channels, 8, 8),)
 
 
+def _names(component: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names from the one table of folder components (sd_onnx/components.py)."""
+    return BY_NAME[component].inputs, BY_NAME[component].outputs
+
+
 COMPONENTS = (
-    ComponentSpec("text_encoder", _TextEncoder, _text_example, ("input_ids",), ("last_hidden_state", "pooler_output"),
+    ComponentSpec("text_encoder", _TextEncoder, _text_example, *_names("text_encoder"),
                   {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}}),
-    ComponentSpec("unet", _UNet, _unet_example, ("sample", "timestep", "encoder_hidden_states"), ("out_sample",),
+    ComponentSpec("unet", _UNet, _unet_example, *_names("unet"),
                   {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "timestep_batch"},
                    # the sequence axis is dynamic: prompts over 75 tokens are encoded in chunks of 77 (A1111)
                    "encoder_hidden_states": {0: "batch", 1: "sequence"},
                    "out_sample": {0: "batch", 2: "height", 3: "width"}}),
-    ComponentSpec("vae_encoder", _VaeEncoder, _vae_enc_example, ("sample",), ("latent_sample",),
+    ComponentSpec("vae_encoder", _VaeEncoder, _vae_enc_example, *_names("vae_encoder"),
                   {"sample": {0: "batch", 2: "height", 3: "width"},
                    "latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"}}),
-    ComponentSpec("vae_decoder", _VaeDecoder, _vae_dec_example, ("latent_sample",), ("sample",),
+    ComponentSpec("vae_decoder", _VaeDecoder, _vae_dec_example, *_names("vae_decoder"),
                   {"latent_sample": {0: "batch", 2: "latent_height", 3: "latent_width"},
                    "sample": {0: "batch", 2: "height", 3: "width"}}),
 )

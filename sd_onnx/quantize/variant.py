@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sd_onnx import __version__
+from sd_onnx import __version__, components
 from sd_onnx.errors import UsageError
 from sd_onnx.home import METADATA, check_folder, find_model, folder_bytes
 from sd_onnx.quantize.graphs import copy_file
 from sd_onnx.runtime.variants import base_folder, base_identity, has_bf16, precision_of, variant_path
 from sd_onnx.staging import check_free_space, check_output, clean_stale_staging, dump_json, staged_folder
 
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = components.NAMES
 # What each precision converts unless --components says otherwise. int8 touches only the UNet: it is 86% of the
 # weights and all of the sampling time, while an int8 VAE decoder shows up directly as pixel noise.
 DEFAULT_COMPONENTS = {"int8": ("unet",), "bf16": COMPONENTS, "fp16": COMPONENTS}
