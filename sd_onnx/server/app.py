@@ -39,6 +39,7 @@ log = logging.getLogger("sd_onnx.server")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 50 * 2**20  # a 2048x2048 PNG in base64 is well under this
 MAX_STEPS = 150  # A1111's UI slider maximum
+DRAIN_BYTES = 512 * 2**20  # a larger refused body is not read: the connection is closed on it
 POLL_S = 0.1  # how often a waiting request looks for its client having gone
 RANDN = {"GPU": "gpu", "NV": "gpu", "CPU": "cpu"}
 
@@ -79,6 +80,7 @@ class Guard:
             return await response(scope, receive, send)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
+            await self._drain(receive, int(length))
             response = error_response(413, "HTTPException", f"the request body of {int(length)} bytes is over the "
                                                              f"limit of {self.max_body} bytes (--max-body-mb)")
             return await response(scope, receive, send)
@@ -93,6 +95,16 @@ class Guard:
             return message
 
         return await self.app(scope, counted, send)
+
+    async def _drain(self, receive, length: int) -> None:
+        """Read (and drop) a refused body up to DRAIN_BYTES, so that a client still sending it reads the answer
+        instead of a reset connection."""
+        if length > DRAIN_BYTES:
+            return
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
 
     def _authorized(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
