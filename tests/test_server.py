@@ -27,49 +27,11 @@ from sd_onnx.cli import main  # noqa: E402
 from sd_onnx.server import check_exposure, is_loopback, parse_auth  # noqa: E402
 from sd_onnx.server.app import Limits, create_app  # noqa: E402
 from sd_onnx.server.catalog import Catalog  # noqa: E402
+from tests.serving import Server  # noqa: E402
 
 SMALL = {"steps": 2, "width": 64, "height": 64}
 # a job long enough to watch, queue behind and interrupt: about 80 ms a step on the tiny model at 256 px
 LONG = {"prompt": "a long job", "steps": 60, "width": 256, "height": 256, "seed": 5}
-
-
-class Server:
-    """uvicorn.Server on a free loopback port in a thread; stop() shuts it down and the worker with it."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None, headers: dict | None = None,
-             timeout: float = 120):
-        """(status, parsed JSON or text) for one request."""
-        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url(path), data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, text = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, text = e.code, e.read()
-        try:
-            return status, json.loads(text or b"null")
-        except ValueError:
-            return status, text.decode("utf-8", "replace")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +165,8 @@ def test_both_sampler_conventions(server, sampler, scheduler, expected):
 
 
 def test_sampler_index_is_the_fallback_and_euler_the_default(server):
+    status, result = server.call("POST", "/sdapi/v1/txt2img", SMALL)  # no prompt: A1111's default ""
+    assert status == 200 and json.loads(result["info"])["prompt"] == ""
     _, result = server.call("POST", "/sdapi/v1/txt2img", {"prompt": "x", "seed": 1, **SMALL})
     assert json.loads(result["info"])["sampler_name"] == "Euler"  # A1111's API default (sampler_index "Euler")
     _, result = server.call("POST", "/sdapi/v1/txt2img", {"prompt": "x", "seed": 1, "sampler_index": "LMS", **SMALL})
