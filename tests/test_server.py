@@ -187,6 +187,21 @@ def test_a1111_fields_we_lack_are_accepted_and_noted(server):
     assert status == 200 and result["images"] == []
 
 
+def test_a_full_webuiapi_style_body_gets_no_notes(server):
+    """The body A1111 clients send with every field at its default (webuiapi's txt2img, for one)."""
+    body = {"enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
+            "hr_resize_y": 0, "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0,
+            "prompt": "x", "styles": [], "seed": 4, "subseed": -1, "subseed_strength": 0.0,
+            "seed_resize_from_h": 0, "seed_resize_from_w": 0, "batch_size": 1, "n_iter": 1, "cfg_scale": 7.0,
+            "restore_faces": False, "tiling": False, "do_not_save_samples": False, "do_not_save_grid": False,
+            "negative_prompt": "", "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1,
+            "override_settings": {}, "override_settings_restore_afterwards": True, "sampler_name": "Euler a",
+            "sampler_index": "Euler a", "script_name": None, "script_args": [], "send_images": True,
+            "save_images": False, "alwayson_scripts": {}, "scheduler": "Automatic", **SMALL}
+    status, result = server.call("POST", "/sdapi/v1/txt2img", body)
+    assert status == 200 and json.loads(result["info"])["notes"] == []
+
+
 def test_img2img(server):
     picture = Image.new("RGB", (64, 64), (200, 30, 30))
     body = {"prompt": "x", "seed": 2, "init_images": [b64_of(picture)], "denoising_strength": 0.5, **SMALL}
@@ -441,3 +456,15 @@ def test_serve_command_serves(home):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_server_is_torch_free(home):
+    """The server imports the runtime only: building the app loads no torch, diffusers or transformers."""
+    code = ("import sys\n"
+            "from sd_onnx.server.app import create_app\n"
+            "from sd_onnx.server.catalog import Catalog\n"
+            "create_app(Catalog('tiny-a'))\n"
+            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    env = {**os.environ, "SD_ONNX_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)

@@ -205,12 +205,16 @@ def _routes(app: FastAPI, state: State) -> None:  # noqa: C901 - one flat list o
 
     async def generate(request: Request, kind: str, body, request_obj, notes, drop=()):
         _check_steps(state, request_obj)
+        def work(control):
+            # the model's names are read here: a model switch queued behind this job may run before the answer
+            model = catalog.model
+            return list(pipeline.run(model, request_obj, control=control)), catalog.title, model.short_hash
+
         try:
-            images, job = await _run(state, request, kind,
-                                     lambda control: list(pipeline.run(catalog.model, request_obj, control=control)))
+            (images, title, short_hash), job = await _run(state, request, kind, work)
         except SdOnnxError as e:
             raise ApiError(422, str(e).strip().splitlines()[0]) from None
-        info = schemas.info_json(request_obj, images, catalog.title, catalog.model.short_hash, notes, job.record())
+        info = schemas.info_json(request_obj, images, title, short_hash, notes, job.record())
         return {"images": [encode_png(i.image, i.parameters) for i in images] if body.send_images else [],
                 "parameters": schemas.echo(body, drop), "info": info}
 

@@ -53,6 +53,9 @@ IGNORED: dict[str, Any] = {
     "hr_prompt": "", "hr_negative_prompt": "", "force_task_id": None, "script_name": None, "script_args": [],
     "alwayson_scripts": {}, "infotext": None, "save_images": False,
 }
+# values of ignored fields that change nothing here either: A1111's ancestral eta and noise scale of 1, which clients
+# such as webuiapi send by default
+NEUTRAL: dict[str, Any] = {"eta": 1.0, "s_noise": 1.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0}
 IMG2IMG_IGNORED: dict[str, Any] = {
     "mask_blur": None, "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 0, "inpaint_full_res": True,
     "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "initial_noise_multiplier": None, "latent_mask": None,
@@ -185,7 +188,7 @@ def ignored_notes(body: BaseModel, ignored: dict[str, Any]) -> list[str]:
     notes = []
     for key in sorted(body.model_fields_set & set(ignored)):
         value = getattr(body, key)
-        if value not in (None, "", [], {}, False) and value != ignored[key] and not (
+        if value not in (None, "", [], {}, False) and value != ignored[key] and value != NEUTRAL.get(key) and not (
                 isinstance(value, (int, float)) and value in (0, -1)):
             notes.append(f"'{key}' is not supported by sd-onnx and was ignored")
     for key in sorted(body.model_extra or {}):
