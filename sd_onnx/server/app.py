@@ -306,7 +306,8 @@ def _routes(app: FastAPI, state: State) -> None:  # noqa: C901 - one flat list o
         job = worker.current
         control = job.control if job is not None else None
         queued = worker.pending
-        state_dict = {"skipped": bool(control and control.skipped), "interrupted": bool(control and control.interrupted),
+        state_dict = {"skipped": bool(control and control.skipped),
+                      "interrupted": bool(control and control.interrupted),
                       "stopping_generation": False, "job": job.name if job else "",
                       "job_count": max(control.batches, 1) if control else 0, "job_timestamp": "0",
                       "job_no": control.batch if control else 0, "sampling_step": control.step if control else 0,

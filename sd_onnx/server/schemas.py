@@ -25,10 +25,10 @@ from sd_onnx.server.errors import ApiError
 RENAMED = {"sampler": "sampler_name", "batch_count": "n_iter"}
 # ours, not request fields in A1111: the noise source is its `randn_source` option, the picture is `init_images`
 NOT_API_FIELDS = {"randn_source", "init_image"}
-# A1111's defaults where they differ from ours (StableDiffusionProcessing: prompt "", steps=50, width/height 512; no sampler
-# name, so sampler_index "Euler" applies; no hires upscaler or strength, so the runtime's defaults apply)
-A1111_DEFAULTS: dict[str, Any] = {"prompt": "", "steps": 50, "sampler_name": None, "hr_upscaler": None, "denoising_strength": None,
-                                  "width": 512, "height": 512}
+# A1111's defaults where they differ from ours (StableDiffusionProcessing: prompt "", steps=50, width/height 512;
+# no sampler name, so sampler_index "Euler" applies; no hires upscaler or strength, so the runtime's defaults apply)
+A1111_DEFAULTS: dict[str, Any] = {"prompt": "", "steps": 50, "sampler_name": None, "hr_upscaler": None,
+                                  "denoising_strength": None, "width": 512, "height": 512}
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 # A1111 request fields sd-onnx reads besides the runtime's
