@@ -175,6 +175,14 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if run_selftest(log=print) else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sd_onnx.server import serve
+
+    serve(args.model, args.host, args.port, args.api_auth, args.insecure, args.device, args.precision, args.threads,
+          args.low_memory, args.max_steps, args.max_body_mb, say=_say)
+    return 0
+
+
 def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
     """The options generate and img2img share. Request options default to None: a value not given comes from
     --from-png, else from the request's own default."""
@@ -286,6 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="this machine's CPU, runtimes, providers and models, and what --device auto picks")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="an A1111-compatible HTTP API (/sdapi/v1) and a web page, one model kept loaded")
+    p.add_argument("--model", help="model folder or name under $SD_ONNX_HOME/models (default: the only one, "
+                                   "else the first); others installed can be chosen through /sdapi/v1/options")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]", help="HTTP Basic credentials (as A1111's "
+                                                                         "--api-auth); needed for a non-loopback --host")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-auth")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"])
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: the usable cores)")
+    p.add_argument("--low-memory", action="store_true", help="no memory arenas, VAE in tiles")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="most sampling steps a request may ask "
+                                                                         "(default 150, A1111's slider maximum)")
+    p.add_argument("--max-body-mb", type=_positive_int, default=None, help="largest request body (default 50 MiB)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("selftest", help="build a tiny random checkpoint, export it, generate on each provider, report")
     p.set_defaults(func=cmd_selftest)

@@ -235,6 +235,13 @@ def _rng(value: str) -> str:
     return source
 
 
+def sampler_for(name: str, schedule: str | None) -> str:
+    """Our sampler name for A1111's sampler and schedule type (the infotext's "Schedule type", the API's
+    `scheduler` field as a label: Automatic, Uniform, Karras); None reads the name as written (A1111 before 1.9).
+    Raises UsageError for a combination sd-onnx does not have."""
+    return _sampler(name, schedule)
+
+
 def _sampler(name: str, schedule: str | None) -> str:
     base = name
     if name.endswith(" Karras"):
