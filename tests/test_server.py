@@ -211,8 +211,18 @@ def test_img2img(server):
     assert result["parameters"]["init_images"] is None  # A1111 echoes them only with include_init_images
     data_url = "data:image/png;base64," + b64_of(picture)
     assert server.call("POST", "/sdapi/v1/img2img", {**body, "init_images": [data_url]})[0] == 200
-    status, error = server.call("POST", "/sdapi/v1/img2img", {**body, "mask": b64_of(picture)})
-    assert status == 422 and "inpainting is not available yet" in error["detail"]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))  # repaint the right half
+    status, result = server.call("POST", "/sdapi/v1/img2img", {**body, "mask": b64_of(mask)})
+    assert status == 200
+    infotext = json.loads(result["info"])["infotexts"][0]
+    # A1111's API defaults: mask blur 4, "Only masked" with no padding, masked content "fill"
+    for field in ("Mask blur: 4", "Inpaint area: Only masked", "Masked area padding: 0", "Masked content: fill"):
+        assert field in infotext, infotext
+    out = np.asarray(png(result["images"][0]), dtype=int)
+    assert (out[:, :20] == np.asarray(picture, dtype=int)[:, :20]).all()  # outside the blurred mask: the input
+    status, error = server.call("POST", "/sdapi/v1/img2img", {**body, "mask": b64_of(Image.new("L", (64, 64)))})
+    assert status == 422 and "the mask is empty" in error["detail"]
     status, error = server.call("POST", "/sdapi/v1/img2img", {"prompt": "x", **SMALL})
     assert status == 422 and "init_images" in error["detail"]
 

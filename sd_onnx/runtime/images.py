@@ -16,27 +16,32 @@ MAX_CLAIM_TRIES = 1000
 
 
 def open_image(path: Path, keep_alpha: bool = False) -> Image.Image:
-    """A picture file, fully read, as RGB; transparency goes on white (A1111's default img2img background).
-    `keep_alpha` (masks, whose alpha may be the painted part): RGBA when the file has transparency."""
+    """A picture file, fully read, flattened to RGB (see flatten). `keep_alpha` (masks, whose alpha may be the
+    painted part): RGBA when the file has transparency."""
     try:
         with Image.open(path) as im:
             im.load()
             if keep_alpha and (im.mode in ("RGBA", "LA") or "transparency" in im.info):
                 return im.convert("RGBA")
-            if im.mode in ("RGBA", "LA", "P") and ("transparency" in im.info or im.mode != "P"):
-                rgba = im.convert("RGBA")
-                flat = Image.new("RGB", rgba.size, (255, 255, 255))
-                flat.paste(rgba, mask=rgba.getchannel("A"))
-                return flat
-            return im.convert("RGB")
+            return flatten(im)
     except FileNotFoundError:
         raise UsageError(f"image not found: {path}") from None
     except IsADirectoryError:
         raise UsageError(f"{path} is a folder, not an image") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UsageError(f"cannot read {path} as an image ({type(e).__name__}: {str(e)[:120]})") from None
     except Image.DecompressionBombError as e:
         raise UsageError(f"{path}: {e}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UsageError(f"cannot read {path} as an image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB; transparent parts go on white, A1111's default img2img background (images.flatten)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image.convert("RGB")
 
 
 def read_parameters(path: Path) -> str:

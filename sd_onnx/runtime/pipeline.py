@@ -20,6 +20,7 @@ from sd_onnx.runtime import decode, masks
 from sd_onnx.runtime.control import RunControl, StopSampling
 from sd_onnx.runtime.denoiser import GuidedUNet
 from sd_onnx.runtime.encode import Conditioning, encode_prompts
+from sd_onnx.runtime.images import flatten
 from sd_onnx.runtime.infotext import format_infotext
 from sd_onnx.runtime.model import LoadedModel, Observer
 from sd_onnx.runtime.noise import ImageRng
@@ -146,7 +147,7 @@ def _img2img_init(model: LoadedModel, request: Img2ImgRequest, seed: int, clock)
     (rounded to whole latent pixels) and resizes the latent bilinearly. With a mask: A1111's mask preparation, the
     masked-content fill, and for an inpainting model its conditioning."""
     with clock("vae_encode_s"):
-        image = request.init_image.convert("RGB")
+        image = flatten(request.init_image)
         prepared = None
         if request.mask is not None:
             prepared = masks.prepare(image, request.mask, request.width, request.height, request.resize_mode,

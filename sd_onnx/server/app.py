@@ -225,13 +225,12 @@ def _routes(app: FastAPI, state: State) -> None:  # noqa: C901 - one flat list o
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: schemas.Img2ImgBody, request: Request):
-        if body.mask:
-            raise ApiError(422, "mask: inpainting is not available yet in sd-onnx (send img2img without a mask)")
         if not body.init_images:
             raise ApiError(422, "init_images: img2img needs one base64-encoded image")
         picture = decode_image(body.init_images[0], "init_images[0]")
+        mask = decode_image(body.mask, "mask") if body.mask else None
         request_obj, notes = schemas.to_request(body, Img2ImgRequest, RANDN[state.options["randn_source"]],
-                                                init_image=picture)
+                                                init_image=picture, mask=mask)
         if len(body.init_images) > 1:
             notes.append("only the first of init_images was used")
         drop = () if body.include_init_images else ("init_images", "mask")

@@ -24,11 +24,13 @@ from sd_onnx.server.errors import ApiError
 # our request field -> A1111's name for it
 RENAMED = {"sampler": "sampler_name", "batch_count": "n_iter"}
 # ours, not request fields in A1111: the noise source is its `randn_source` option, the picture is `init_images`
-NOT_API_FIELDS = {"randn_source", "init_image"}
+NOT_API_FIELDS = {"randn_source", "init_image", "mask"}
 # A1111's defaults where they differ from ours (StableDiffusionProcessing: prompt "", steps=50, width/height 512;
 # no sampler name, so sampler_index "Euler" applies; no hires upscaler or strength, so the runtime's defaults apply)
 A1111_DEFAULTS: dict[str, Any] = {"prompt": "", "steps": 50, "sampler_name": None, "hr_upscaler": None,
-                                  "denoising_strength": None, "width": 512, "height": 512}
+                                  "denoising_strength": None, "width": 512, "height": 512,
+                                  # StableDiffusionProcessingImg2Img's inpainting defaults: fill, only masked, no pad
+                                  "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0}
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 # A1111 request fields sd-onnx reads besides the runtime's
@@ -57,9 +59,8 @@ IGNORED: dict[str, Any] = {
 # such as webuiapi send by default
 NEUTRAL: dict[str, Any] = {"eta": 1.0, "s_noise": 1.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0}
 IMG2IMG_IGNORED: dict[str, Any] = {
-    "mask_blur": None, "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 0, "inpaint_full_res": True,
-    "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "initial_noise_multiplier": None, "latent_mask": None,
-    "mask_round": True, "image_cfg_scale": None,
+    "mask_blur_x": 4, "mask_blur_y": 4, "initial_noise_multiplier": None, "latent_mask": None, "mask_round": True,
+    "image_cfg_scale": None,
 }
 # A1111 1.9's schedulers (modules/sd_schedulers.py): name -> label. sd-onnx has the first three.
 SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
