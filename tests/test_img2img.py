@@ -296,3 +296,23 @@ def test_interrupt_and_skip_keep_what_was_made(tiny_model):
     made = list(run(model, request, skip_first_batch, control=control))
     assert len(made) == 3 and len(counter.calls) == 1 + 10 + 10
     assert control.step == control.total == 10
+
+
+def test_the_unet_is_freed_before_the_last_decode(tiny_model):
+    """A 512px run must not hold the UNet's weights and the VAE decoder's activations at once: when the decoder is
+    first fed, nothing references the UNet session any more (not the pipeline, not the guidance wrapper)."""
+    import gc
+    import weakref
+
+    seen = {}
+
+    def observe(component, feeds):
+        if component == "vae_decoder" and "unet_alive" not in seen:
+            gc.collect()
+            seen["unet_alive"] = unet_ref() is not None
+
+    model = LoadedModel(tiny_model("sd1"), "cpu", observe=observe)
+    unet_ref = weakref.ref(model.session("unet"))
+    request = GenerateRequest("a cat", steps=2, sampler="Euler", seed=1, width=64, height=64)
+    assert len(list(run(model, request))) == 1
+    assert seen == {"unet_alive": False}

@@ -118,8 +118,14 @@ class GuidedUNet:
 
     def __init__(self, unet, cond, cfg_scale: float, concat: NDArray | None = None,
                  extra: dict[str, NDArray] | None = None):
-        self.unet, self.cond, self.cfg_scale = unet, cond, cfg_scale
+        """`unet`: a session, or a LoadedModel whose UNet session is looked up at each call, so that releasing it
+        from the model really frees its weights (nothing else holds it)."""
+        self._unet, self.cond, self.cfg_scale = unet, cond, cfg_scale
         self.concat, self.extra = concat, extra or {}
+
+    @property
+    def unet(self):
+        return self._unet if hasattr(self._unet, "run") else self._unet.session("unet")
 
     def _feeds(self, x: Array, t: Array, ctx: NDArray, copies: int) -> dict[str, NDArray]:
         sample = x if self.concat is None else np.concatenate([x, self.concat.astype(x.dtype)], axis=1)

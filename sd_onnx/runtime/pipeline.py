@@ -66,8 +66,8 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
     init = _img2img_init(model, request, seed, clock) if isinstance(request, Img2ImgRequest) else None
     concat = init.concat if init is not None else _txt2img_concat(model, request, clock)
     with clock("unet_load_s"):
-        unet = model.session("unet")
-    guided = GuidedUNet(unet, cond, request.cfg_scale)
+        model.session("unet")
+    guided = GuidedUNet(model, cond, request.cfg_scale)  # no reference of its own: release() frees the weights
     denoiser = model.denoiser(guided)
     for batch in range(request.batch_count):
         control.batch, control.skipped = batch, False
@@ -232,7 +232,7 @@ def _hires(model: LoadedModel, request: GenerateRequest, cond: Conditioning, lat
     if request.denoising_strength == 0:
         return latents
     with clock("sampling_s"):
-        denoiser = model.denoiser(GuidedUNet(model.session("unet"), cond, request.cfg_scale))
+        denoiser = model.denoiser(GuidedUNet(model, cond, request.cfg_scale))
         start = img2img_start(latents, request.hr_steps, request.denoising_strength, fixed_steps=True)
         label = "hires pass"
         callback = control.watch(label, denoiser, progress(label) if progress else None)
