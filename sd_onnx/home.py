@@ -90,9 +90,10 @@ def check_folder(path: Path) -> dict:
     meta_path = path / METADATA
     if meta_path.is_file():
         return _read_json(meta_path, METADATA_TYPES)
-    # A folder written by optimum or diffusers: take what we need from the scheduler config.
-    return {"family": "unknown", "prediction_type": sched.get("prediction_type", "epsilon"),
-            "scaling_factor": 0.18215, "default_size": 512, "source": {}}
+    # A folder written by optimum or diffusers: take what we need from the scheduler config (the latent scaling comes
+    # from its VAE config, read by the runtime's LoadedModel: no family's default is assumed here).
+    return {"family": "unknown", "prediction_type": sched.get("prediction_type", "epsilon"), "default_size": 512,
+            "source": {}}
 
 
 _NUMBER = (int, float)
