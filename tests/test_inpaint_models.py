@@ -359,14 +359,21 @@ def test_txt2img_on_an_inpainting_model(family, tiny_model, tmp_path, capsys):
 
 
 def test_int8_variant_of_an_inpainting_model(tiny_model, tmp_path):
-    """int8 calibrates on txt2img runs (mask of ones, grey-picture latent in the extra channels); the variant keeps
-    the 9-channel input and its config, and inpaints."""
+    """int8 calibrates on txt2img runs (mask of ones, grey-picture latent in the extra channels) and, for an
+    inpainting model, on inpainting passes over the pictures they made (a real mask and picture latent there);
+    the variant keeps the 9-channel input and its config, and inpaints."""
     import shutil
 
     import onnx
 
+    from sd_onnx.quantize.calibration import record
     from sd_onnx.quantize.variant import QuantizeOptions, quantize_model
     from tests.test_quantize import FAST
+
+    feeds = record(tiny_model("sd1-inpaint"), ["a cat"], 2, 64).feeds["unet"]
+    masks_fed = [f["sample"][:, 4] for f in feeds]
+    assert any((m == 1).all() for m in masks_fed)  # txt2img
+    assert any(0 < m.mean() < 1 for m in masks_fed)  # the inpainting pass: a centre square
 
     base = shutil.copytree(tiny_model("sd1-inpaint"), tmp_path / "tiny-inpaint")
     with warnings.catch_warnings():
