@@ -86,13 +86,12 @@ def detect_family(state_dict: Mapping[str, object], global_step: int | None = No
         raise CheckpointError(
             f"not a Stable Diffusion checkpoint in the original LDM layout: key '{missing[0]}' is missing"
         )
-    channels = unet_in_channels(state_dict)
     if any(k in state_dict for k in SD1_TEXT_KEYS):
-        if channels == 9:
+        if unet_in_channels(state_dict) == 9:
             return family_for("clip", "epsilon", 9), f"CLIP ViT-L text encoder keys, 9-channel {UNET_KEY} (inpainting)"
         return FAMILIES["sd1"], "CLIP ViT-L text encoder keys (cond_stage_model.transformer.*)"
     if SD2_TEXT_KEY in state_dict:
-        if channels == 9:  # Stability's only SD 2.x inpainting model, 512-inpainting-ema, is eps
+        if unet_in_channels(state_dict) == 9:  # Stability's only SD 2.x inpainting model, 512-inpainting-ema, is eps
             return family_for("openclip", "epsilon", 9), (
                 f"OpenCLIP text encoder, 9-channel {UNET_KEY} (SD 2.x 512 inpainting, eps)")
         if global_step == SD2_BASE_GLOBAL_STEP:
