@@ -215,6 +215,7 @@ def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sd_onnx.components import NAMES as COMPONENT_NAMES
+    from sd_onnx.families import FAMILIES
     from sd_onnx.runtime.samplers import SAMPLER_NAMES
     from sd_onnx.runtime.upscale import UPSCALER_NAMES
 
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="checkpoint file (.ckpt, .safetensors) or diffusers folder")
     p.add_argument("-o", "--output", help="output folder (default: $SD_ONNX_HOME/models/<name>)")
     p.add_argument("--config", help="original LDM inference YAML (default: <name>.yaml beside the file, else bundled)")
-    p.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sd2-v"])
+    p.add_argument("--family", default="auto", choices=["auto", *FAMILIES])
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-optimize", action="store_true",

@@ -27,7 +27,8 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(checkpoint_dir):
-    """tiny_checkpoint(family) -> path of a .ckpt (with its <stem>.yaml beside it), built once per session."""
+    """tiny_checkpoint(family) -> path of a .ckpt (with its <stem>.yaml beside it), built once per session; any
+    family of sd_onnx.families, the inpainting ones (sd1-inpaint, sd2-inpaint: 9-channel UNet) included."""
     from sd_onnx.export.synthetic import write_checkpoint
 
     made: dict[str, Path] = {}

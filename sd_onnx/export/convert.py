@@ -15,7 +15,7 @@ import yaml
 
 from sd_onnx.errors import CheckpointError
 from sd_onnx.export.checkpoint import Checkpoint
-from sd_onnx.families import Family, detect_family, get_family
+from sd_onnx.families import Family, detect_family, family_for, get_family
 from sd_onnx.onnx_files import quiet_logger
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -73,6 +73,11 @@ def build_reference_model(
             raise CheckpointError(
                 f"--family {family.name} does not fit this checkpoint: its text encoder is that of {detected.name} ({reason})"
             )
+        if family.unet_in_channels != detected.unet_in_channels:
+            raise CheckpointError(
+                f"--family {family.name} does not fit this checkpoint: its UNet takes {detected.unet_in_channels} "
+                f"input channels, {family.name}'s {family.unet_in_channels} (it is a {detected.name} model)"
+            )
         reason = "--family flag"
     config, source, user_config = resolve_config(ckpt.path, config_path, family)
     params = config["model"]["params"]
@@ -80,7 +85,7 @@ def build_reference_model(
     if user_config and family_name == "auto":
         # A config written for this checkpoint is authoritative about the parameterization.
         prediction_type = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
-        family = next(f for f in _families_with(family.text_encoder) if f.prediction_type == prediction_type)
+        family = family_for(family.text_encoder, prediction_type, family.unet_in_channels)
         reason += f"; prediction type from {source}"
     sd = ckpt.state_dict
     image_size = int(params.get("image_size", 64)) * 8
@@ -120,12 +125,17 @@ def build_from_diffusers(folder: Path, family_name: str = "auto") -> ResolvedMod
         raise CheckpointError(f"{folder}: cannot load the diffusers model ({_short(e)})") from None
     prediction = sched.get("prediction_type", "epsilon")
     encoder = "clip" if text.config.hidden_act == "quick_gelu" else "openclip"
+    channels = int(unet.config.in_channels)
     if family_name == "auto":
-        family = next(f for f in _families_with(encoder) if f.prediction_type == prediction)
-        reason = f"diffusers folder: {text.config.hidden_act} text encoder, {prediction} scheduler"
+        family = family_for(encoder, prediction, channels)
+        reason = (f"diffusers folder: {text.config.hidden_act} text encoder, {prediction} scheduler, "
+                  f"{channels}-channel UNet")
     else:
         family, reason = get_family(family_name), "--family flag"
         prediction = family.prediction_type
+        if family.unet_in_channels != channels:
+            raise CheckpointError(f"--family {family.name} does not fit {folder}: its UNet takes {channels} input "
+                                  f"channels, {family.name}'s {family.unet_in_channels}")
     params = {"linear_start": sched.get("beta_start", 0.00085), "linear_end": sched.get("beta_end", 0.012),
               "timesteps": sched.get("num_train_timesteps", 1000)}
     return ResolvedModel(
@@ -134,12 +144,6 @@ def build_from_diffusers(folder: Path, family_name: str = "auto") -> ResolvedMod
         text_encoder=text.eval(), scheduler_config=scheduler_config(params, prediction),
         default_size=int(unet.config.sample_size) * 8,
     )
-
-
-def _families_with(text_encoder: str) -> list[Family]:
-    from sd_onnx.families import FAMILIES
-
-    return [f for f in FAMILIES.values() if f.text_encoder == text_encoder]
 
 
 def _short(e: BaseException) -> str:

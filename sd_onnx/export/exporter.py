@@ -87,7 +87,7 @@ def export_model(
                     log("fusing attention and LayerNorm in the UNet graph")
                     fused = optimize_unet(tmp / "unet" / "model.onnx")
         _write_configs(tmp, model, unet_config)
-        _write_metadata(tmp, model, source, hashes, opset, fused)
+        _write_metadata(tmp, model, source, hashes, opset, fused, int(unet_config["in_channels"]))
     _report_stale_variants(output, log)
     return ExportResult(output, model.family.name, model.prediction_type, round(time.perf_counter() - start, 2), seconds)
 
@@ -146,7 +146,8 @@ def _write_configs(folder: Path, model, unet_config: dict) -> None:
     })
 
 
-def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int, fused: dict[str, int]) -> None:
+def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int, fused: dict[str, int],
+                    unet_in_channels: int) -> None:
     import diffusers
     import onnx
     import torch
@@ -159,6 +160,8 @@ def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int,
         "prediction_type": model.prediction_type,
         "scaling_factor": model.scaling_factor,
         "default_size": model.default_size,
+        # 9: an inpainting UNet, fed [latent, mask, masked-picture latent]; the runtime reads unet/config.json
+        "unet_in_channels": unet_in_channels,
         "config_source": model.config_source,
         "source": {"name": source.name, **hashes},
         "components": {name: {"file": f"{name}/model.onnx", "precision": "fp32"} for name in COMPONENT_ORDER},

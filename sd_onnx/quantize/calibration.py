@@ -1,5 +1,6 @@
 """Calibration inputs: every feed that text_encoder, unet and vae_decoder receive while the fp32 model generates
-the calibration prompts (real denoising trajectories, not random tensors), plus the images, for vae_encoder."""
+the calibration prompts (real denoising trajectories, not random tensors), plus the images, for vae_encoder; an
+inpainting model also inpaints those images."""
 
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def read_prompts(path: Path | None, count: int) -> list[str]:
 
 def record(folder: Path, prompts: list[str], steps: int, size: int, seed: int = 1000,
            device: str = "cpu", threads: int | None = None) -> Recording:
-    from sd_onnx.runtime.pipeline import GenerateRequest, generate
+    from PIL import Image
+
+    from sd_onnx.runtime.model import unet_in_channels
+    from sd_onnx.runtime.pipeline import GenerateRequest, Img2ImgRequest, generate
 
     rec = Recording()
 
@@ -57,4 +61,13 @@ def record(folder: Path, prompts: list[str], steps: int, size: int, seed: int = 
         request = GenerateRequest(prompt, steps=steps, sampler=SAMPLER, seed=seed + i, width=size, height=size)
         result = generate(folder, request, device, threads, observe=observe)
         rec.images.extend(np.asarray(img.image) for img in result.images)
+    if unet_in_channels(Path(folder)) > 4:
+        # An inpainting UNet: txt2img fills its extra channels with a mask of ones and a grey picture's latent;
+        # inpaint the pictures just made too, so the ranges also cover a real mask and picture there.
+        mask = Image.new("L", (size, size), 0)
+        mask.paste(255, (size // 4, size // 4, size - size // 4, size - size // 4))
+        for i, (prompt, picture) in enumerate(zip(prompts, list(rec.images))):
+            request = Img2ImgRequest(prompt, steps=steps, sampler=SAMPLER, seed=seed + i, width=size, height=size,
+                                     init_image=Image.fromarray(picture), mask=mask)
+            generate(folder, request, device, threads, observe=observe)
     return rec
