@@ -62,7 +62,11 @@ def import_spandrel():
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", "spandrel"))]:
         del sys.modules[name]
     _stand_in_for_torchvision()
-    import spandrel
+    try:
+        import spandrel
+    finally:  # spandrel's modules keep what they imported; nobody else should find the stand-in
+        for name in ("torchvision.transforms.functional", "torchvision.transforms", "torchvision"):
+            sys.modules.pop(name, None)
     return spandrel
 
 

@@ -4,6 +4,7 @@ image upscalers, and its img2img resize modes."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,9 +62,10 @@ def open_upscaler(name: str, device="auto", threads: int | None = None, tile: in
     """A built-in image upscaler or an installed model (its session opened once, for many images)."""
     if name in IMAGE_UPSCALERS:
         return ResampleUpscaler(name)
-    from sd_onnx.runtime.upscaler_models import DEFAULT_OVERLAP, DEFAULT_TILE, UpscalerModel, installed_upscalers
+    from sd_onnx.runtime.upscaler_models import (DEFAULT_OVERLAP, DEFAULT_TILE, METADATA, UpscalerModel,
+                                                 installed_upscalers)
 
-    if name not in installed_upscalers():
+    if name not in installed_upscalers() and not (Path(name).expanduser() / METADATA).is_file():
         raise UsageError(f"unknown image upscaler '{name}'; valid: {', '.join(image_upscaler_names())}")
     return UpscalerModel(name, device, threads, DEFAULT_TILE if tile is None else tile,
                          DEFAULT_OVERLAP if overlap is None else overlap)
