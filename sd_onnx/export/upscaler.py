@@ -4,6 +4,7 @@ $SD_ONNX_HOME/upscalers/NAME."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import sys
@@ -59,6 +60,7 @@ def import_spandrel():
             raise
     except RuntimeError:  # a torchvision wheel for a CUDA torch fails registering its operators
         pass
+    hidden = "torchvision" in sys.modules and sys.modules["torchvision"] is None  # see sd_onnx.export
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", "spandrel"))]:
         del sys.modules[name]
     _stand_in_for_torchvision()
@@ -67,6 +69,8 @@ def import_spandrel():
     finally:  # spandrel's modules keep what they imported; nobody else should find the stand-in
         for name in ("torchvision.transforms.functional", "torchvision.transforms", "torchvision"):
             sys.modules.pop(name, None)
+        if hidden or importlib.util.find_spec("torchvision") is not None:
+            sys.modules["torchvision"] = None
     return spandrel
 
 
