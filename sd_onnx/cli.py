@@ -122,7 +122,7 @@ def _run_generation(args: argparse.Namespace, request_type) -> int:
         _say(f"seed: {first_seed}")
     parts = [f"{label} {timings[key]:.1f} s" for key, label in (
         ("text_encoder_s", "text encoder"), ("vae_encode_s", "VAE encode"), ("unet_load_s", "UNet load"),
-        ("sampling_s", "sampling"), ("vae_decode_s", "VAE decode")) if key in timings]
+        ("sampling_s", "sampling"), ("upscale_s", "upscale"), ("vae_decode_s", "VAE decode")) if key in timings]
     _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {model.device.name}: {', '.join(parts)}")
     return 0
 
@@ -157,6 +157,53 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _out(f"wrote the {result.precision} variant ({', '.join(result.components)}) to {result.folder} "
           f"in {result.seconds:.0f} s")
     return 0
+
+
+def cmd_export_upscaler(args: argparse.Namespace) -> int:
+    try:
+        from sd_onnx.export.upscaler import export_upscaler
+    except ImportError as e:
+        raise SdOnnxError(f"export-upscaler needs the export extra ({e.name} is missing): pip install 'sd-onnx[export]'") from None
+    result = export_upscaler(Path(args.model), args.name, Path(args.output) if args.output else None, args.force,
+                             log=(lambda m: None) if args.quiet else _say)
+    _out(f"exported {result.architecture} {result.scale}x to {result.folder} in {result.seconds:.1f} s "
+         f"(ONNX vs torch: {result.check_error:.1e} relative)")
+    return 0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """A1111's Extras tab, "Scale by": each image upscaled and saved with its own parameters kept."""
+    from sd_onnx.runtime.images import open_image, prepare_outdir, save_png
+    from sd_onnx.runtime.upscale import open_upscaler, postprocess_upscale
+
+    kw = dict(device=args.device, threads=args.threads, tile=args.tile, overlap=args.tile_overlap)
+    first = open_upscaler(args.upscaler, **kw)
+    second = open_upscaler(args.upscaler_2, **kw) if args.upscaler_2 and args.upscaler_2_visibility > 0 else None
+    outdir = prepare_outdir(Path(args.output))
+    for name in args.images:
+        start = time.perf_counter()
+        image = open_image(Path(name))
+        result, info = postprocess_upscale(image, first, args.scale, second, args.upscaler_2_visibility)
+        parameters, extra = _postprocess_text(Path(name), info)
+        path = save_png(result, outdir, 0, Path(name).stem, parameters, extra)
+        _out(str(path))
+        if not args.quiet:
+            _say(f"{image.width}x{image.height} -> {result.width}x{result.height} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _postprocess_text(source: Path, info: dict) -> tuple[str | None, dict[str, str]]:
+    """As A1111's Extras saves: the source's `parameters` unchanged, the Postprocess fields in `postprocessing`
+    (what PNG Info shows) and `extras` text chunks."""
+    from sd_onnx.runtime.images import read_parameters
+    from sd_onnx.runtime.infotext import format_infotext
+
+    try:
+        parameters = read_parameters(source)
+    except SdOnnxError:
+        parameters = None
+    fields = format_infotext("", "", info).lstrip("\n")
+    return parameters, {"postprocessing": fields, "extras": fields}
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -217,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sd_onnx.components import NAMES as COMPONENT_NAMES
     from sd_onnx.families import FAMILIES
     from sd_onnx.runtime.samplers import SAMPLER_NAMES
-    from sd_onnx.runtime.upscale import UPSCALER_NAMES
+    from sd_onnx.runtime.upscale import upscaler_names
 
-    samplers, upscalers = ", ".join(SAMPLER_NAMES), ", ".join(UPSCALER_NAMES)
+    samplers, upscalers = ", ".join(SAMPLER_NAMES), ", ".join(upscaler_names())
 
     parser = argparse.ArgumentParser(prog="sd-onnx", description="Stable Diffusion on ONNX Runtime / OpenVINO, no torch needed to generate.")
     parser.add_argument("--version", action="version", version=f"sd-onnx {__version__}")
@@ -244,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--hr-scale", type=float, help="upscale by (default 2)")
     h.add_argument("--hr-resize-x", type=int, help="resize width to (instead of --hr-scale)")
     h.add_argument("--hr-resize-y", type=int, help="resize height to (instead of --hr-scale)")
-    h.add_argument("--hr-upscaler", metavar="NAME", help=f"one of: {', '.join(upscalers)} (default Latent)")
+    h.add_argument("--hr-upscaler", metavar="NAME", help=f"one of: {upscalers} (default Latent)")
     h.add_argument("--hr-second-pass-steps", type=int, help="steps of the second pass (default: --steps)")
     h.add_argument("--denoising-strength", type=float, help="of the second pass (default 0.7)")
     p.set_defaults(func=cmd_generate)
@@ -291,6 +338,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export-upscaler", help="convert an ESRGAN-family upscaler (.pth/.safetensors: ESRGAN, "
+                                              "Real-ESRGAN, compact, SwinIR) to ONNX under $SD_ONNX_HOME/upscalers")
+    p.add_argument("model", help="upscaler weights (.pth, .ckpt, .safetensors); nothing in the file is run")
+    p.add_argument("--name", help="the name to use it by (default: the file's stem)")
+    p.add_argument("-o", "--output", help="output folder (default: $SD_ONNX_HOME/upscalers/NAME)")
+    p.add_argument("--force", action="store_true", help="replace an existing upscaler of that name")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export_upscaler)
+
+    p = sub.add_parser("upscale", help="upscale images as A1111's Extras tab does (model or Lanczos/Nearest)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--upscaler", default="Lanczos", metavar="NAME",
+                   help="Lanczos, Nearest or an installed upscaler (see `sd-onnx info`; default Lanczos)")
+    p.add_argument("--scale", type=float, default=4.0,
+                   help="upscale by (default 4, as A1111); a model runs up to 3 times, then Lanczos fits the size")
+    p.add_argument("--upscaler-2", metavar="NAME", help="a second upscaler blended in")
+    p.add_argument("--upscaler-2-visibility", type=float, default=0.0, help="0..1, the second upscaler's share")
+    p.add_argument("--tile", type=int, default=None, help="tile size in input pixels, 0 for none (default 192)")
+    p.add_argument("--tile-overlap", type=int, default=None, help="overlap of neighbouring tiles (default 8)")
+    p.add_argument("-o", "--output", default="outputs/extras", help="output folder (default: ./outputs/extras)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: the usable cores)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("info", help="this machine's CPU, runtimes, providers and models, and what --device auto picks")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -23,6 +23,11 @@ def models_dir() -> Path:
     return home() / "models"
 
 
+def upscalers_dir() -> Path:
+    """ESRGAN-family upscalers exported by `sd-onnx export-upscaler`, one folder each (A1111 keeps them beside models)."""
+    return home() / "upscalers"
+
+
 def cache_dir() -> Path:
     """The runtimes' caches (optimized or compiled graphs): safe to delete, rebuilt at the next start."""
     return home() / "cache"

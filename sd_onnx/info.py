@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from sd_onnx.errors import SdOnnxError
-from sd_onnx.home import cache_dir, check_folder, folder_bytes, installed_models, models_dir
+from sd_onnx.home import cache_dir, check_folder, folder_bytes, installed_models, models_dir, upscalers_dir
 from sd_onnx.runtime.providers import ORT_DEVICES, OPENVINO_PACKAGE, cpu_info, openvino_devices, ort_providers, resolve_device
+from sd_onnx.runtime.upscaler_models import installed_upscalers
 
 
 def machine_report() -> dict:
@@ -22,6 +23,8 @@ def machine_report() -> dict:
         "models": [p.name for p in models],
         "variants": {p.name: _variants(p) for p in models},
         "broken_models": broken,
+        "upscalers_dir": str(upscalers_dir()),
+        "upscalers": installed_upscalers(),
         "cache_dir": str(cache_dir()),
         "cache_gb": folder_bytes(cache_dir()) / 1e9,
         "missing": {name: f"pip install {package}" for name, (provider, package) in ORT_DEVICES.items()
@@ -50,6 +53,7 @@ def format_report(r: dict) -> str:
         f"openvino:    {r['openvino']['version'] or 'not installed'} ({', '.join(r['openvino']['devices']) or 'no devices'})",
         f"models:      {', '.join(_with_variants(m, r['variants'].get(m, [])) for m in r['models']) or 'none'} "
         f"in {r['models_dir']}",
+        f"upscalers:   {', '.join(r['upscalers']) or 'none'} in {r['upscalers_dir']} (and the built-in Lanczos, Nearest)",
         f"caches:      {r['cache_gb']:.2f} GB in {r['cache_dir']} (optimized graphs; safe to delete, "
         "SD_ONNX_NO_CACHE=1 keeps none)",
         f"--device auto: {r['auto']['device']} ({r['auto']['reason']})",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import sd_onnx.export  # noqa: F401 -- before any test imports diffusers: hides a torchvision that cannot load
+
 FAMILIES = ("sd1", "sd2", "sd2-v")
 
 

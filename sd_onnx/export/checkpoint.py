@@ -40,14 +40,7 @@ _UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose mo
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load an LDM-layout checkpoint; raises CheckpointError with a one-line reason on any bad input."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"not a checkpoint file: {path}")
-    if sniff_format(path) == "safetensors":
-        data = _load_safetensors(path)
-    else:
-        data = _load_pickle_checkpoint(path)
+    data = read_weights_file(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path.name}: holds a {type(data).__name__}, not a state dict")
     global_step = data.get("global_step") if isinstance(data.get("global_step"), int) else None
@@ -57,6 +50,18 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not tensors:
         raise CheckpointError(f"{path.name}: contains no tensors")
     return Checkpoint(path=path, state_dict=tensors, global_step=global_step)
+
+
+def read_weights_file(path: Path) -> object:
+    """What a .ckpt/.pth/.safetensors file holds, read without running anything from it (tensors, containers and
+    primitives only); the format comes from the first bytes (sniff_format). Shared by checkpoints and upscalers."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"not a checkpoint file: {path}")
+    if sniff_format(path) == "safetensors":
+        return _load_safetensors(path)
+    return _load_pickle_checkpoint(path)
 
 
 def sniff_format(path: Path) -> str:

@@ -67,13 +67,18 @@ def _numbers(outdir: Path) -> set[int]:
     return {int(m.group(1)) for p in outdir.glob("*.png") if (m := re.match(r"(\d+)-", p.name))}
 
 
-def save_png(image: Image.Image, outdir: Path, index: int, seed: int, parameters: str) -> Path:
-    """Write NNNNN-SEED.png complete or not at all, at the first free number from `index` on.
+def save_png(image: Image.Image, outdir: Path, index: int, seed: int | str, parameters: str | None,
+             extra_text: dict[str, str] | None = None) -> Path:
+    """Write NNNNN-SEED.png complete or not at all, at the first free number from `index` on. `extra_text`: more
+    PNG text chunks (Extras writes its `postprocessing` fields there, beside the source's `parameters`).
 
     The PNG is written to a hidden temporary name, then hard-linked to its final name, which fails if the name
     exists: two runs saving into one folder never overwrite each other, and a reader never sees half a file."""
     info = PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    for key, text in (extra_text or {}).items():
+        info.add_text(key, text)
     tmp = outdir / f".{uuid.uuid4().hex[:12]}.png.partial"
     try:
         image.save(tmp, format="PNG", pnginfo=info)

@@ -27,7 +27,8 @@ from sd_onnx.runtime.noise import ImageRng
 from sd_onnx.runtime.providers import Device
 from sd_onnx.runtime.requests import MAX_SEED, RESIZE_MODES, GenerateRequest, Img2ImgRequest
 from sd_onnx.runtime.samplers import Start, img2img_start, sample
-from sd_onnx.runtime.upscale import LATENT_MODES, resize_image, resize_latent, upscale_image
+from sd_onnx.runtime.upscale import (IMAGE_UPSCALERS, LATENT_MODES, open_upscaler, resize_image, resize_latent,
+                                    upscale_image)
 
 __all__ = ["GenerateRequest", "Img2ImgRequest", "GeneratedImage", "GenerateResult", "generate", "run"]
 
@@ -223,8 +224,13 @@ def _hires(model: LoadedModel, request: GenerateRequest, cond: Conditioning, lat
             model.release("unet")
         with clock("vae_decode_s"):
             pictures = decode.decode(model, latents)
+        with clock("upscale_s"):  # a model upscaler's session is opened once for the batch
+            upscaler = (request.hr_upscaler if request.hr_upscaler in IMAGE_UPSCALERS
+                        else open_upscaler(request.hr_upscaler, model.device))
+            pictures = [upscale_image(p, up_w, up_h, upscaler) for p in pictures]
+            del upscaler
         with clock("vae_encode_s"):
-            latents = decode.encode(model, [upscale_image(p, up_w, up_h, request.hr_upscaler) for p in pictures])
+            latents = decode.encode(model, pictures)
             model.release("vae_encoder")
     # both resize sides given: A1111 truncates the latent to the box, centred
     ty, tx = (up_h - h) // 8, (up_w - w) // 8

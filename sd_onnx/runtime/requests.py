@@ -101,10 +101,11 @@ class GenerateRequest:
         return self.enable_hr
 
     def _validate_hires(self) -> None:
-        from sd_onnx.runtime.upscale import UPSCALER_NAMES
+        from sd_onnx.runtime.upscale import upscaler_names
 
-        if self.hr_upscaler not in UPSCALER_NAMES:
-            raise UsageError(f"unknown hires upscaler '{self.hr_upscaler}'; valid: {', '.join(UPSCALER_NAMES)}")
+        names = upscaler_names()  # the built-in ones and the models installed under $SD_ONNX_HOME/upscalers
+        if self.hr_upscaler not in names:
+            raise UsageError(f"unknown hires upscaler '{self.hr_upscaler}'; valid: {', '.join(names)}")
         if self.hr_second_pass_steps < 0:
             raise UsageError(f"hires steps must be 0 (same as steps) or more, got {self.hr_second_pass_steps}")
         if self.hr_resize_x < 0 or self.hr_resize_y < 0 or not 1 <= self.hr_scale <= 8:

@@ -4,6 +4,7 @@ image upscalers, and its img2img resize modes."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,7 +27,80 @@ IMAGE_UPSCALERS: dict[str, Image.Resampling] = {
     "Lanczos": Image.Resampling.LANCZOS,
     "Nearest": Image.Resampling.NEAREST,
 }
+# The built-in names; upscaler_names() adds the models installed under $SD_ONNX_HOME/upscalers.
 UPSCALER_NAMES: tuple[str, ...] = (*LATENT_MODES, *IMAGE_UPSCALERS)
+
+
+def upscaler_names() -> tuple[str, ...]:
+    """Every name --hr-upscaler accepts: latent modes, built-in image upscalers, installed upscaler models."""
+    from sd_onnx.runtime.upscaler_models import installed_upscalers
+
+    return (*UPSCALER_NAMES, *(n for n in installed_upscalers() if n not in UPSCALER_NAMES))
+
+
+def image_upscaler_names() -> tuple[str, ...]:
+    """What Extras (`sd-onnx upscale`) accepts: the built-in image upscalers and the installed models."""
+    from sd_onnx.runtime.upscaler_models import installed_upscalers
+
+    return (*IMAGE_UPSCALERS, *(n for n in installed_upscalers() if n not in UPSCALER_NAMES))
+
+
+class ResampleUpscaler:
+    """A1111's UpscalerLanczos / UpscalerNearest (do_upscale resizes by the requested scale) and UpscalerNone."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def do_upscale(self, image: Image.Image, scale: float) -> Image.Image:
+        if self.name == "None":
+            return image
+        return image.resize((int(image.width * scale), int(image.height * scale)), IMAGE_UPSCALERS[self.name])
+
+
+def open_upscaler(name: str, device="auto", threads: int | None = None, tile: int | None = None,
+                  overlap: int | None = None):
+    """A built-in image upscaler or an installed model (its session opened once, for many images)."""
+    if name in IMAGE_UPSCALERS:
+        return ResampleUpscaler(name)
+    from sd_onnx.runtime.upscaler_models import (DEFAULT_OVERLAP, DEFAULT_TILE, METADATA, UpscalerModel,
+                                                 installed_upscalers)
+
+    if name not in installed_upscalers() and not (Path(name).expanduser() / METADATA).is_file():
+        raise UsageError(f"unknown image upscaler '{name}'; valid: {', '.join(image_upscaler_names())}")
+    return UpscalerModel(name, device, threads, DEFAULT_TILE if tile is None else tile,
+                         DEFAULT_OVERLAP if overlap is None else overlap)
+
+
+def upscale_by(image: Image.Image, scale: float, upscaler) -> Image.Image:
+    """A1111's Upscaler.upscale: the upscaler's own passes (at most 3) until the image reaches scale x its size
+    rounded down to a multiple of 8, then Lanczos to exactly that size."""
+    dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
+    for i in range(3):
+        if image.width >= dest_w and image.height >= dest_h and (i > 0 or scale != 1):
+            break
+        shape = image.size
+        image = upscaler.do_upscale(image, scale)
+        if image.size == shape:
+            break
+    if image.size != (dest_w, dest_h):
+        image = image.resize((dest_w, dest_h), Image.Resampling.LANCZOS)
+    return image
+
+
+def postprocess_upscale(image: Image.Image, upscaler, scale: float, upscaler_2=None,
+                        visibility: float = 0.0) -> tuple[Image.Image, dict[str, object]]:
+    """A1111's Extras upscale ("Scale by"): the first upscaler's result, blended with the second's by `visibility`,
+    and the fields A1111 records for it."""
+    if not 0 < scale <= 16:
+        raise UsageError(f"upscale factor must be above 0 and at most 16, got {scale}")
+    if not 0 <= visibility <= 1:
+        raise UsageError(f"upscaler 2 visibility must be between 0 and 1, got {visibility}")
+    info: dict[str, object] = {"Postprocess upscale by": scale, "Postprocess upscaler": upscaler.name}
+    result = upscale_by(image, scale, upscaler)
+    if upscaler_2 is not None and upscaler_2.name != "None" and visibility > 0:
+        result = Image.blend(result, upscale_by(image, scale, upscaler_2), visibility)
+        info["Postprocess upscaler 2"] = upscaler_2.name
+    return result, info
 
 
 def resize_latent(latent: NDArray, width: int, height: int, mode: str = "Latent") -> NDArray[np.float32]:
@@ -100,11 +174,18 @@ def _aa_weights(n_in: int, n_out: int, scale: float, kind: str) -> NDArray[np.fl
     return w
 
 
-def upscale_image(image: Image.Image, width: int, height: int, upscaler: str = "None") -> Image.Image:
+def upscale_image(image: Image.Image, width: int, height: int, upscaler="None") -> Image.Image:
     """A1111's resize() inside images.resize_image: the upscaler enlarges by the larger ratio, then Lanczos fits
-    the exact size."""
-    if upscaler not in IMAGE_UPSCALERS:
-        raise UsageError(f"unknown image upscaler '{upscaler}'; valid: {', '.join(IMAGE_UPSCALERS)}")
+    the exact size. `upscaler` is a built-in name, or what open_upscaler() gave (a model, opened once)."""
+    if not isinstance(upscaler, str) or upscaler not in IMAGE_UPSCALERS:
+        if isinstance(upscaler, str):
+            upscaler = open_upscaler(upscaler)
+        scale = max(width / image.width, height / image.height)
+        if scale > 1.0:
+            image = upscale_by(image, scale, upscaler)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+        return image
     scale = max(width / image.width, height / image.height)
     if scale > 1.0 and upscaler != "None":
         image = image.resize((int(image.width * scale), int(image.height * scale)), IMAGE_UPSCALERS[upscaler])
