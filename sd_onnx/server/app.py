@@ -28,7 +28,7 @@ from sd_onnx.runtime import pipeline
 from sd_onnx.runtime.infotext import parse_infotext
 from sd_onnx.runtime.requests import GenerateRequest, Img2ImgRequest, max_size
 from sd_onnx.runtime.samplers import SAMPLER_NAMES
-from sd_onnx.runtime.upscale import IMAGE_UPSCALERS, LATENT_MODES, upscale_image
+from sd_onnx.runtime.upscale import LATENT_MODES, image_upscaler_names, upscale_image
 from sd_onnx.server import schemas
 from sd_onnx.server.catalog import Catalog
 from sd_onnx.server.codec import cheap_preview, decode_image, encode_png
@@ -237,10 +237,10 @@ def _routes(app: FastAPI, state: State) -> None:  # noqa: C901 - one flat list o
         return await generate(request, "img2img", body, request_obj, notes, drop)
 
     def upscale(picture: Image.Image, body: schemas.ExtrasBase) -> Image.Image:
+        available = image_upscaler_names()
         for name in (body.upscaler_1, body.upscaler_2):
-            if name not in IMAGE_UPSCALERS:
-                raise ApiError(422, f"upscaler {name!r} is not available; image upscalers: "
-                                    f"{', '.join(IMAGE_UPSCALERS)}")
+            if name not in available:
+                raise ApiError(422, f"upscaler {name!r} is not available; image upscalers: {', '.join(available)}")
         if body.resize_mode not in (0, 1):
             raise ApiError(422, "resize_mode must be 0 (by upscaling_resize) or 1 (to upscaling_resize_w/h)")
         if body.resize_mode == 1:
@@ -385,8 +385,12 @@ def _routes(app: FastAPI, state: State) -> None:  # noqa: C901 - one flat list o
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
-        return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for n in IMAGE_UPSCALERS]
+        from sd_onnx.runtime.upscaler_models import find_upscaler, installed_upscalers, read_upscaler_info
+
+        models = set(installed_upscalers())
+        return [{"name": n, "model_name": n if n in models else None, "model_path": None, "model_url": None,
+                 "scale": read_upscaler_info(find_upscaler(n)).get("scale", 4) if n in models else 4}
+                for n in image_upscaler_names()]
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     async def latent_modes():
