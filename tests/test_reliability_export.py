@@ -403,3 +403,22 @@ def test_standalone_variant_is_listed_and_found(bf16, tmp_path, monkeypatch):
     assert installed_models() == [alone] and find_model(None) == alone
     report = machine_report()
     assert report["models"] == [alone.name] and alone.name in format_report(report)
+
+
+def test_export_warns_about_non_finite_weights(tiny_checkpoint, tmp_path, capsys):
+    """#13 item 4: a checkpoint with a NaN tensor exports (the file is what it is) but says so on stderr."""
+    import torch
+
+    from sd_onnx.cli import main
+
+    source = tmp_path / "nan.ckpt"
+    data = torch.load(tiny_checkpoint("sd1"), weights_only=True)
+    weights = data.get("state_dict", data)
+    key = next(k for k in weights if k.startswith("model.diffusion_model.") and weights[k].is_floating_point())
+    weights[key] = weights[key].clone()
+    weights[key].view(-1)[0] = float("nan")
+    torch.save(data, source)
+    shutil.copy(tiny_checkpoint("sd1").with_suffix(".yaml"), source.with_suffix(".yaml"))
+    assert main(["export", str(source), "-o", str(tmp_path / "out"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "hold NaN or infinite values" in err and key in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ def export_model(
         ckpt = load_checkpoint(source)
         need = export_bytes(ckpt.state_dict)
         check_free_space(output.parent, need)  # before the minutes of conversion
+        _warn_non_finite(ckpt.state_dict, source)
         model = build_reference_model(ckpt, family, config)
         hashes = file_hashes(source)
         del ckpt
@@ -115,6 +117,17 @@ def _report_stale_variants(output: Path, log: Callable[[str], None]) -> None:
         names = ", ".join(path.name for path in stale)
         log(f"left stale: {names} (made from the previous {output.name}; generate ignores them: remake them with "
             f"`sd-onnx quantize {output} --<precision> --force`)")
+
+
+def _warn_non_finite(state_dict: dict, source: Path) -> None:
+    """A checkpoint with NaN or infinite weights exports, but every image from it would be NaN: say so now (the
+    runtime stops such a run with one line, as A1111's NaN check does)."""
+    import torch
+
+    bad = [k for k, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        print(f"sd-onnx: warning: {source.name}: {len(bad)} tensor(s) hold NaN or infinite values (first: {bad[0]}); "
+              "images made with this model will fail", file=sys.stderr)
 
 
 def _write_configs(folder: Path, model, unet_config: dict) -> None:
