@@ -77,6 +77,8 @@ class _Unpickler(pickle.Unpickler):
             ("collections", "OrderedDict"): dict,
             ("copyreg", "_reconstructor"): _reconstructor,
             ("builtins", "object"): object,
+            ("builtins", "set"): set, ("__builtin__", "set"): set,  # a Module's state holds a few (hook names)
+            ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
             ("torch.nn.modules.container", "ParameterDict"): _Stub,
             ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
         }
