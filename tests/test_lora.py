@@ -246,3 +246,41 @@ def test_weight_map_covers_every_attention_and_mlp_layer(lora_setup):
     unet = json.loads((folder / "unet" / "weights.json").read_text())["layers"]
     assert any(e["initializer"].startswith("onnx::MatMul") and e["transposed"] for e in unet.values())
     assert unet["down_blocks.0.attentions.0.proj_in"]["ldm"] == "model.diffusion_model.input_blocks.1.1.proj_in"
+
+
+def test_locon_on_convolutions_matches_a_checkpoint_merged_in_torch(lora_setup, tmp_path):
+    """LyCORIS LoCon (3x3 down, 1x1 up) on the UNet's resnet convolutions equals the reference UNet with the delta
+    merged in torch as LyCORIS defines it (a conv by `down` then a 1x1 conv by `up`), within 3 levels."""
+    from safetensors.numpy import save_file
+
+    folder, pipe, _ = lora_setup
+    rng = np.random.default_rng(9)
+    convs = [(n, m) for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Conv2d) and "resnets" in n
+             and m.kernel_size == (3, 3)]
+    tensors, merged = {}, {}
+    rank, alpha, weight = 4, 2.0, 0.8
+    for name, module in convs:
+        out_c, in_c = module.weight.shape[:2]
+        down = (rng.standard_normal((rank, in_c, 3, 3)) * 0.1).astype(np.float32)
+        up = (rng.standard_normal((out_c, rank, 1, 1)) * 0.1).astype(np.float32)
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": np.array(alpha, np.float32)})
+        # conv(conv(x, down), up) == conv(x, einsum(up, down)): the composed kernel, scaled
+        delta = torch.einsum("or,rikl->oikl", torch.from_numpy(up[:, :, 0, 0]), torch.from_numpy(down))
+        merged[name] = module.weight.detach().clone() + weight * alpha / rank * delta
+    save_file(tensors, str(tmp_path / "locon.safetensors"))
+    image, _ = ours(folder, tmp_path, f"{PROMPT} <lora:locon:{weight}>")
+    originals = {name: module.weight.detach().clone() for name, module in convs}
+    try:
+        with torch.no_grad():
+            for name, module in convs:
+                module.weight.copy_(merged[name])
+        ref = reference_image(pipe, 1234, STEPS)
+    finally:
+        with torch.no_grad():
+            for name, module in convs:
+                module.weight.copy_(originals[name])
+    diff = np.abs(image.astype(int) - ref.astype(int))
+    assert diff.max() <= TOLERANCE, f"max diff {diff.max()} levels"
+    assert np.abs(reference_image(pipe, 1234, STEPS).astype(int) - ref.astype(int)).mean() > 2
