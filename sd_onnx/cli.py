@@ -102,7 +102,10 @@ def _run_generation(args: argparse.Namespace, request_type) -> int:
     known = set(request_type.__dataclass_fields__)
     request = request_type(**{k: v for k, v in fields.items() if k in known})
     request.validate()
-    folder, why = choose_variant(find_model(args.model or model_name), args.precision, args.device,
+    precision = args.precision
+    if precision == "auto" and "<lora:" in request.prompt:  # LoRAs patch fp32 weights only (runtime/networks.py)
+        precision = "fp32"
+    folder, why = choose_variant(find_model(args.model or model_name), precision, args.device,
                                  cpu_info()["flags"])
     if not args.quiet or args.precision != "auto":
         _say(f"model: {folder.name}, precision {why}")
@@ -110,6 +113,7 @@ def _run_generation(args: argparse.Namespace, request_type) -> int:
     start = time.perf_counter()
     progress = None if args.quiet else (lambda label: Progress(label))
     model = LoadedModel(folder, args.device, args.threads, args.low_memory)
+    model.lora_dir, model.embeddings_dir = args.lora_dir, args.embeddings_dir
     timings: dict[str, float] = {}
     n, first_seed = 0, None
     for image in run(model, request, progress, timings):  # each image is on disk before the next batch starts
@@ -258,6 +262,10 @@ def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
     p.add_argument("--low-memory", action="store_true",
                    help="least RAM: no ONNX Runtime memory arenas, VAE in 512px tiles (for large images)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="LoRA files named in the prompt as <lora:NAME:WEIGHT> (default: $SD_ONNX_HOME/loras)")
+    p.add_argument("--embeddings-dir", type=Path, default=None,
+                   help="textual-inversion embeddings, used by typing their name (default: $SD_ONNX_HOME/embeddings)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,16 @@ def upscalers_dir() -> Path:
     return home() / "upscalers"
 
 
+def loras_dir() -> Path:
+    """LoRA files named by `<lora:NAME:WEIGHT>` in prompts (A1111's models/Lora)."""
+    return home() / "loras"
+
+
+def embeddings_dir() -> Path:
+    """Textual-inversion embeddings, used by typing their file name in a prompt (A1111's embeddings/)."""
+    return home() / "embeddings"
+
+
 def cache_dir() -> Path:
     """The runtimes' caches (optimized or compiled graphs): safe to delete, rebuilt at the next start."""
     return home() / "cache"

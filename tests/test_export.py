@@ -450,9 +450,12 @@ def test_folder_layout(family, tiny_model, tiny_checkpoint, tmp_path):
     external = [t for t in unet_proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and {e.value for t in external for e in t.external_data if e.key == "location"} == {"model.onnx_data"}
     assert (folder / "unet" / "model.onnx_data").stat().st_size > (folder / "unet" / "model.onnx").stat().st_size
-    for name in ("text_encoder", "vae_encoder", "vae_decoder"):
+    # weights.json beside the graphs LoRA and textual inversion patch (runtime/networks.py)
+    for name in ("vae_encoder", "vae_decoder"):
         assert {p.name for p in (folder / name).iterdir()} == {"model.onnx", "config.json"}
-    assert {p.name for p in (folder / "unet").iterdir()} == {"model.onnx", "model.onnx_data", "config.json"}
+    assert {p.name for p in (folder / "text_encoder").iterdir()} == {"model.onnx", "config.json", "weights.json"}
+    assert {p.name for p in (folder / "unet").iterdir()} == {"model.onnx", "model.onnx_data", "config.json",
+                                                             "weights.json"}
 
     for name, axes in EXPECTED_AXES.items():
         graph = onnx.load(str(folder / name / "model.onnx"), load_external_data=False).graph

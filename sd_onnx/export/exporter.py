@@ -15,6 +15,7 @@ from sd_onnx.staging import (check_free_space, check_output, check_writable, cle
                               staged_folder)
 
 COMPONENT_ORDER = components.NAMES
+PATCHABLE = ("text_encoder", "unet")  # components LoRA and textual inversion patch at run time (weights.json)
 
 
 @dataclass
@@ -43,6 +44,7 @@ def export_model(
     from sd_onnx.export.checkpoint import file_hashes, load_checkpoint
     from sd_onnx.export.convert import build_from_diffusers, build_reference_model
     from sd_onnx.export.onnx_export import COMPONENTS, check_opset, export_component
+    from sd_onnx.export.weight_map import ldm_fingerprints, module_fingerprints, write_weight_map
 
     start = time.perf_counter()
     source = Path(source)
@@ -56,6 +58,7 @@ def export_model(
     if source.is_dir():
         model = build_from_diffusers(source, family)
         hashes: dict = {}
+        ldm_names: dict = {}
         need = folder_bytes(source)
     else:
         log(f"reading {source}")
@@ -65,6 +68,7 @@ def export_model(
         _warn_non_finite(ckpt.state_dict, source)
         model = build_reference_model(ckpt, family, config)
         hashes = file_hashes(source)
+        ldm_names = ldm_fingerprints(ckpt.state_dict)  # LoRAs name layers by LDM key too (weights.json)
         del ckpt
         gc.collect()
     log(f"family {model.family.name} ({model.family_reason}); config: {model.config_source}")
@@ -78,6 +82,7 @@ def export_model(
         for spec in COMPONENTS:
             t0 = time.perf_counter()
             log(f"exporting {spec.name}")
+            patchable = (module_fingerprints(modules[spec.name]) if spec.name in PATCHABLE else None)
             export_component(spec, modules[spec.name], tmp / spec.name, opset)
             seconds[spec.name] = round(time.perf_counter() - t0, 2)
             if spec.name == "unet":
@@ -88,6 +93,8 @@ def export_model(
 
                     log("fusing attention and LayerNorm in the UNet graph")
                     fused = optimize_unet(tmp / "unet" / "model.onnx")
+            if patchable is not None:  # after the fusion: the map names the initializers of the final graph
+                write_weight_map(tmp / spec.name / "model.onnx", patchable, ldm_names)
         _write_configs(tmp, model, unet_config)
         _write_metadata(tmp, model, source, hashes, opset, fused, int(unet_config["in_channels"]))
     _report_stale_variants(output, log)

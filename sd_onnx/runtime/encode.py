@@ -19,10 +19,13 @@ class Conditioning:
     uncond: NDArray
 
 
-def encode_prompts(model, prompt: str, negative: str) -> Conditioning:
-    """`model` is a LoadedModel; its text encoder is released afterwards unless the model is kept loaded."""
+def encode_prompts(model, prompt: str, negative: str, embeddings=None) -> Conditioning:
+    """`model` is a LoadedModel; its text encoder is released afterwards unless the model is kept loaded.
+    `embeddings` (an embeddings.EmbeddingDatabase): prompt words that name an embedding become its vectors, whose
+    rows the model's text encoder was given (LoadedModel.use_extra_networks)."""
     tokenizer = model.tokenizer()
-    pos, neg = pad_to_same_chunks(tokenize_prompt(tokenizer, prompt), tokenize_prompt(tokenizer, negative))
+    pos, neg = pad_to_same_chunks(tokenize_prompt(tokenizer, prompt, embeddings=embeddings),
+                                  tokenize_prompt(tokenizer, negative, embeddings=embeddings))
     ids = np.concatenate([pos.ids, neg.ids])
     hidden = model.session("text_encoder").run({"input_ids": ids})[0]  # [2n, 77, D]
     model.release("text_encoder")

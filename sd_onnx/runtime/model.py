@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from sd_onnx.errors import ModelFolderError
 from sd_onnx.home import check_folder
 from sd_onnx.runtime.denoiser import Denoiser, ldm_alphas_cumprod
+from sd_onnx.runtime.networks import ExtraNetworks
 from sd_onnx.runtime.providers import Device, resolve_device
 from sd_onnx.runtime.sessions import Session, cast_feeds, open_session
 from sd_onnx.runtime.tokenizer import ClipTokenizer
@@ -69,6 +70,11 @@ class LoadedModel:
         self.unet_in_channels = unet_in_channels(self.folder)
         self._sessions: dict[str, Session] = {}
         self._tokenizer: ClipTokenizer | None = None
+        # LoRA and textual inversion (runtime/networks.py): where their files are (None: under $SD_ONNX_HOME),
+        # and the set the next sessions open with.
+        self.lora_dir: Path | None = None
+        self.embeddings_dir: Path | None = None
+        self.extra_networks = ExtraNetworks()
 
     @property
     def name(self) -> str:
@@ -93,8 +99,9 @@ class LoadedModel:
                 raise ModelFolderError(f"{self.folder} has no {component}/model.onnx"
                                        + (" (img2img and hires fix need the VAE encoder: export the model again)"
                                           if component == "vae_encoder" else ""))
+            overrides = self.extra_networks.overrides(self.folder, component, self.component_precision(component))
             session = open_session(self.folder, component, self.device, self.threads,
-                                   self.low_memory and component != "text_encoder")
+                                   self.low_memory and component != "text_encoder", overrides=overrides)
             if self.observe:
                 session = _Observed(session, component, self.observe)
             self._sessions[component] = session
@@ -103,7 +110,18 @@ class LoadedModel:
     def release(self, component: str) -> None:
         """Let a session go unless the model is kept loaded."""
         if not self.keep_loaded and self._sessions.pop(component, None) is not None:
+            self.extra_networks.forget(component)
             gc.collect()
+
+    def use_extra_networks(self, uses: list, token_rows=None) -> None:
+        """LoRAs [(Network, te, unet)] and textual-inversion token rows for the sessions opened from now on; an open
+        session they change is closed (one with the same set is kept: a repeated set costs nothing)."""
+        for component in self.extra_networks.activate(uses, token_rows):
+            if self._sessions.pop(component, None) is not None:
+                gc.collect()
+
+    def component_precision(self, component: str) -> str:
+        return str(self.meta.get("components", {}).get(component, {}).get("precision", "fp32"))
 
     def denoiser(self, model) -> Denoiser:
         return Denoiser(model, self.schedule.alphas_cumprod(), self.prediction_type)

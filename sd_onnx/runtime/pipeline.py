@@ -23,6 +23,7 @@ from sd_onnx.runtime.encode import Conditioning, encode_prompts
 from sd_onnx.runtime.images import flatten
 from sd_onnx.runtime.infotext import format_infotext
 from sd_onnx.runtime.model import LoadedModel, Observer
+from sd_onnx.runtime.networks import activate_extra_networks
 from sd_onnx.runtime.noise import ImageRng
 from sd_onnx.runtime.providers import Device
 from sd_onnx.runtime.requests import MAX_SEED, RESIZE_MODES, GenerateRequest, Img2ImgRequest
@@ -62,8 +63,9 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
     seed = random.randint(0, MAX_SEED) if request.seed == -1 else request.seed
     clock = lambda name: _timed(timings, name)  # noqa: E731
 
+    networks = activate_extra_networks(model, request.prompt, request.negative_prompt)  # <lora:...>, embeddings
     with clock("text_encoder_s"):
-        cond = encode_prompts(model, request.prompt, request.negative_prompt)
+        cond = encode_prompts(model, networks.prompt, networks.negative_prompt, networks.embeddings)
     init = _img2img_init(model, request, seed, clock) if isinstance(request, Img2ImgRequest) else None
     concat = init.concat if init is not None else _txt2img_concat(model, request, clock)
     with clock("unet_load_s"):
@@ -98,7 +100,7 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
         if init is not None and init.mask is not None:
             pictures = [masks.apply_overlay(picture, init.mask) for picture in pictures]
         for j, (picture, image_seed, latent) in enumerate(zip(pictures, seeds, latents)):
-            extra = init.settings if init is not None else {}
+            extra = {**(init.settings if init is not None else {}), **networks.infotext}
             yield GeneratedImage(picture, image_seed, format_infotext(
                 request.prompt, request.negative_prompt, settings(request, image_seed, model, j, extra)), latent)
         if control.interrupted:

@@ -113,9 +113,11 @@ class PromptChunks:
 
 
 def tokenize_prompt(
-    tokenizer: _Tokenizer, text: str, comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK
+    tokenizer: _Tokenizer, text: str, comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK, embeddings=None
 ) -> PromptChunks:
-    """A1111's `tokenize_line` (no textual inversion): 75 ids per chunk, comma backtracking, BREAK."""
+    """A1111's `tokenize_line`: 75 ids per chunk, comma backtracking, BREAK; with `embeddings` (an
+    embeddings.EmbeddingDatabase) a name spelled in the prompt becomes its vectors' ids, counted as A1111 counts
+    them (one token each; an embedding that does not fit the rest of a chunk starts the next one)."""
     parsed = parse_prompt_attention(text)
     encoded = tokenizer.encode_batch([t for t, _ in parsed])
     comma = tokenizer.token_id(",</w>")
@@ -134,7 +136,9 @@ def tokenize_prompt(
         if fragment == "BREAK" and weight == BREAK_WEIGHT:
             close_chunk()
             continue
-        for token in tokens:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
                 last_comma = len(ids)
             elif (
@@ -151,8 +155,17 @@ def tokenize_prompt(
                 ids, mults = moved_ids, moved_mults
             if len(ids) == CHUNK_TOKENS:
                 close_chunk()
-            ids.append(token)
-            mults.append(weight)
+            embedding, spelled = embeddings.find_at(tokens, position, tokenizer) if embeddings else (None, 0)
+            if embedding is None:
+                ids.append(token)
+                mults.append(weight)
+                position += 1
+                continue
+            if len(ids) + len(embedding.ids) > CHUNK_TOKENS:
+                close_chunk()
+            ids += embedding.ids
+            mults += [weight] * len(embedding.ids)
+            position += spelled
     if ids or not chunks:
         close_chunk()
 

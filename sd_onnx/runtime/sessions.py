@@ -25,8 +25,13 @@ class Session(Protocol):
 
 class OrtSession:
     def __init__(self, path: Path, device: Device, threads: int | None = None, full_optimization: bool = True,
-                 low_memory: bool = False, cache: OptimizedModelCache | None = None):
-        """`cache`: load the graph ONNX Runtime optimized at an earlier start, or save it for the next one."""
+                 low_memory: bool = False, cache: OptimizedModelCache | None = None,
+                 overrides: dict[str, NDArray] | None = None):
+        """`cache`: load the graph ONNX Runtime optimized at an earlier start, or save it for the next one.
+        `overrides`: initializer name -> array that replaces it (LoRA, textual inversion); never cached."""
+        self._overrides = overrides or {}
+        if self._overrides:
+            cache = None  # the optimized graph would hold the patched weights
         stamp = cache.stamp(path) if cache else None
         cached = cache.lookup(stamp) if cache else None
         staged = cache.staging(stamp) if cache and not cached else None
@@ -36,7 +41,8 @@ class OrtSession:
         elif staged and ort_cache.source_bytes(stamp) > NOTICE_BYTES:
             print(f"sd-onnx: optimizing {path.parent.name} for this CPU, once (kept in {cache.root})", file=sys.stderr)
         try:
-            self._session = self._open(cached or path, device, threads, full_optimization, low_memory, staged)
+            self._session = self._open(cached or path, device, threads, full_optimization, low_memory, staged,
+                                       self._overrides)
         except SdOnnxError:
             if not (cached or staged):
                 raise
@@ -55,10 +61,11 @@ class OrtSession:
 
     @staticmethod
     def _open(path: Path, device: Device, threads: int | None, full_optimization: bool, low_memory: bool,
-              save_to: Path | None):
+              save_to: Path | None, overrides: dict[str, NDArray] | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        keep = _add_overrides(options, path, overrides) if overrides else []
         if low_memory:  # no arena: freed activations go back to the system instead of being kept for reuse
             options.enable_cpu_mem_arena = False
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full_optimization
@@ -70,12 +77,45 @@ class OrtSession:
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", ort_cache.DATA)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            return ort.InferenceSession(str(path), options, providers=list(device.providers))
+            session = ort.InferenceSession(str(path), options, providers=list(device.providers))
+            session._sd_onnx_overrides = keep  # ONNX Runtime reads the overriding arrays in place: keep them alive
+            return session
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
             raise SdOnnxError(f"{path}: ONNX Runtime cannot load it ({first_line(e, 300)})") from None
 
     def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
         return self._session.run(self._outputs, cast_feeds(feeds, self.input_types))
+
+
+def _add_overrides(options, path: Path, overrides: dict[str, NDArray]) -> list:
+    """Hand ONNX Runtime the replacement initializers. Weights kept in external data are replaced at load, before
+    any graph optimization (add_external_initializers); inline ones (the text encoder) as session initializers,
+    which ONNX Runtime also accepts with another shape (the token table grown by textual-inversion vectors).
+    The OrtValues point into the arrays: the caller keeps them alive as long as the session."""
+    import onnxruntime as ort
+
+    external = _external_names(path)
+    ext = [(name, a) for name, a in overrides.items() if name in external]
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for _, a in ext]
+    if ext:
+        options.add_external_initializers([name for name, _ in ext], values)
+    for name, a in overrides.items():
+        if name not in external:
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+            values.append(value)
+            options.add_initializer(name, value)
+    return values
+
+
+def _external_names(path: Path) -> set[str]:
+    """Initializers of `path` stored in external data, from weights.json (the runtime reads no ONNX protobuf)."""
+    import json
+
+    try:
+        layers = json.loads((path.parent / "weights.json").read_text())["layers"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    return {e["initializer"] for e in layers.values() if e.get("file") != path.name}
 
 
 class OpenVinoSession:
@@ -105,10 +145,13 @@ class OpenVinoSession:
 
 
 def open_session(folder: Path, component: str, device: Device, threads: int | None = None,
-                 low_memory: bool = False) -> Session:
+                 low_memory: bool = False, overrides: dict[str, NDArray] | None = None) -> Session:
     path = folder / component / "model.onnx"
     if not path.is_file():
         raise ModelFolderError(f"{folder} has no {component}/model.onnx")
+    if overrides and device.backend == "openvino":
+        raise SdOnnxError("LoRAs and textual-inversion embeddings run on ONNX Runtime only for now: "
+                          "use --device cpu (or another ONNX Runtime device)")
     if device.backend == "openvino":
         from sd_onnx.home import cache_dir
 
@@ -127,7 +170,7 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
     cache = (OptimizedModelCache(optimized_cache_dir(), device.providers)
              if cpu_only and not int8_unet and not no_cache() else None)
     return OrtSession(path, device, threads, full_optimization=not int8_unet or not cpu_only,
-                      low_memory=low_memory or int8_unet, cache=cache)
+                      low_memory=low_memory or int8_unet, cache=cache, overrides=overrides)
 
 
 def optimized_cache_dir() -> Path:
