@@ -478,3 +478,28 @@ def test_server_is_torch_free(home):
             "assert not bad, bad\n")
     env = {**os.environ, "SD_ONNX_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_loras_and_embeddings_are_listed_and_used(server, home, tiny_checkpoint):
+    """/loras and /embeddings list what `<lora:NAME:W>` and embedding words can name; a txt2img with a LoRA tag
+    applies it (a different image, Lora hashes in the infotext)."""
+    import diffusers
+
+    from tests.test_embeddings import write_embeddings
+    from tests.test_generate import reference_pipeline
+    from tests.test_lora import lora_layers, write_lora
+
+    pipe = reference_pipeline(tiny_checkpoint("sd1"), diffusers.EulerDiscreteScheduler)
+    (home / "loras").mkdir(exist_ok=True)
+    write_lora(home / "loras" / "inkstyle.safetensors", lora_layers(pipe), "kohya", seed=3)
+    write_embeddings(home / "embeddings", pipe.text_encoder.config.hidden_size)
+    (home / "embeddings" / "broken.pt").write_bytes(b"not a torch file")
+    status, loras = server.call("GET", "/sdapi/v1/loras")
+    assert status == 200 and [entry["name"] for entry in loras] == ["inkstyle"]
+    status, embeddings = server.call("GET", "/sdapi/v1/embeddings")
+    assert status == 200 and embeddings["loaded"]["tiemb"]["vectors"] == 2 and "broken" in embeddings["skipped"]
+    body = {"prompt": "a cat", "seed": 5, **SMALL}
+    plain = server.call("POST", "/sdapi/v1/txt2img", body)[1]
+    status, styled = server.call("POST", "/sdapi/v1/txt2img", {**body, "prompt": "a cat <lora:inkstyle:1>"})
+    assert status == 200 and "Lora hashes" in json.loads(styled["info"])["infotexts"][0]
+    assert png(styled["images"][0]).tobytes() != png(plain["images"][0]).tobytes()

@@ -398,11 +398,34 @@ def _routes(app: FastAPI, state: State) -> None:  # noqa: C901 - one flat list o
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        """A1111's shape: name -> {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}; a file that does not
+        load is under "skipped" (it fails only when a prompt names it)."""
+        from sd_onnx.home import embeddings_dir
+        from sd_onnx.runtime.embeddings import SUFFIXES, load_embedding
+
+        loaded, skipped = {}, {}
+        folder = embeddings_dir()
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if path.suffix.lower() not in SUFFIXES or not path.is_file():
+                continue
+            try:
+                e = load_embedding(path)
+                loaded[e.name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                  "shape": int(e.vectors.shape[1]), "vectors": int(e.vectors.shape[0])}
+            except SdOnnxError as err:
+                skipped[path.stem] = {"error": str(err)}
+        return {"loaded": loaded, "skipped": skipped}
 
     @app.get("/sdapi/v1/loras")
     async def loras():
-        return []
+        """A1111's shape: [{name, alias, path, metadata}] for the files `<lora:NAME:WEIGHT>` can name."""
+        from sd_onnx.home import loras_dir
+        from sd_onnx.runtime.networks import LORA_SUFFIXES
+
+        folder = loras_dir()
+        return [{"name": p.stem, "alias": p.stem, "path": p.name, "metadata": {}}
+                for p in (sorted(folder.rglob("*")) if folder.is_dir() else [])
+                if p.suffix.lower() in LORA_SUFFIXES and p.is_file()]
 
     for path, value in (("sd-vae", []), ("hypernetworks", []), ("face-restorers", []), ("realesrgan-models", []),
                         ("prompt-styles", []), ("script-info", []), ("extensions", []),
