@@ -103,6 +103,7 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
         if control.interrupted:
             break
     model.release("unet")
+    model.release("vae_preview")
 
 
 def generate(folder: Path | str, request: GenerateRequest, device: str | Device = "auto", threads: int | None = None,
@@ -272,6 +273,11 @@ def settings(request: GenerateRequest, seed: int, model: LoadedModel, batch_pos:
             out["Hires steps"] = request.hr_second_pass_steps
         out["Hires upscaler"] = request.hr_upscaler
     out.update(extra or {})
+    if getattr(model, "vae_approx", None) is not None:  # A1111 1.6+'s names for its TAESD decode/encode methods
+        out["VAE Decoder"] = "TAESD"
+        if isinstance(request, Img2ImgRequest) and model.has("vae_encoder") and model.vae_scaling("vae_encoder") != \
+                model.scaling_factor:
+            out["VAE Encoder"] = "TAESD"
     if request.randn_source == "cpu":
         out["RNG"] = "CPU"  # A1111 defaults to its GPU source and marks CPU noise this way
     out["Version"] = f"sd-onnx {__version__}"

@@ -1,0 +1,150 @@
+"""Few-step generation: TAESD export and decode/encode, LCM UNets with timestep_cond, 1-step turbo schedules."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def approx_home(tmp_path_factory):
+    """A private $SD_ONNX_HOME for this module: an installed TAESD changes every later run's previews."""
+    home = tmp_path_factory.mktemp("approx-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SD_ONNX_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def taesd_files(tmp_path_factory):
+    """A random-weight diffusers AutoencoderTiny and its weights saved as madebyollin's taesd.py files: the encoder
+    and decoder as plain nn.Sequential state dicts, the decoder's indices shifted by its Clamp at index 0."""
+    from sd_onnx.export.taesd import TAESD_CONFIG
+
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderTiny(**TAESD_CONFIG).eval()
+    with torch.no_grad():  # weights spread enough that every layer matters, small enough to stay in range
+        for p in vae.parameters():
+            p.mul_(0.9)
+    folder = tmp_path_factory.mktemp("taesd")
+    torch.save(dict(vae.encoder.layers.state_dict()), folder / "taesd_encoder.pth")
+    decoder = {}
+    for key, value in vae.decoder.layers.state_dict().items():
+        index, rest = key.split(".", 1)
+        decoder[f"{int(index) + 1}.{rest}"] = value
+    torch.save(decoder, folder / "taesd_decoder.pth")
+    return vae, folder
+
+
+@pytest.fixture(scope="module")
+def taesd_folder(approx_home, taesd_files):
+    from sd_onnx.cli import main
+
+    _, files = taesd_files
+    assert main(["export-vae-approx", str(files / "taesd_decoder.pth"), str(files / "taesd_encoder.pth"), "-q"]) == 0
+    folder = approx_home / "vae-approx" / "taesd"
+    assert (folder / "vae_decoder" / "model.onnx").is_file() and (folder / "vae_encoder" / "model.onnx").is_file()
+    return folder
+
+
+def _ort(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_taesd_onnx_matches_autoencoder_tiny(taesd_files, taesd_folder):
+    """The exported decoder and encoder against diffusers' AutoencoderTiny on the same inputs: 1e-4 relative to the
+    output's range (float32 through ~40 convolutions; the graphs are the same operations, reordered by ORT)."""
+    vae, _ = taesd_files
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((2, 4, 12, 10)).astype(np.float32) * 2
+    ours = _ort(taesd_folder / "vae_decoder" / "model.onnx").run(None, {"latent_sample": latent})[0]
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(latent)).sample.numpy()
+    assert ours.shape == (2, 3, 96, 80)
+    assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    picture = rng.uniform(-1, 1, (1, 3, 72, 64)).astype(np.float32)
+    ours = _ort(taesd_folder / "vae_encoder" / "model.onnx").run(None, {"sample": picture})[0]
+    with torch.no_grad():
+        ref = vae.encode(torch.from_numpy(picture)).latents.numpy()
+    assert ours.shape == (1, 4, 9, 8)
+    assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    meta = json.loads((taesd_folder / "sd_onnx.json").read_text())
+    assert meta["kind"] == "taesd" and meta["scaling_factor"] == 1.0
+
+
+def test_taesd_refuses_other_files(tmp_path, approx_home, tiny_checkpoint):
+    """A checkpoint that is not TAESD is one line and exit 2, naming what was expected."""
+    from sd_onnx.cli import main
+
+    torch.save({"0.weight": torch.zeros(64, 5, 3, 3)}, tmp_path / "odd.pth")
+    for path in (tmp_path / "odd.pth", tiny_checkpoint("sd1")):
+        assert main(["export-vae-approx", str(path), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_with_taesd_decodes_with_it(taesd_files, taesd_folder, tiny_model, tmp_path, capsys):
+    """`generate --vae taesd`: the PNG is TAESD's decode of the final latent (AutoencoderTiny, scaling 1.0: the
+    UNet's latents as they are), the infotext says so as A1111 does, and `--preview` leaves the last step's preview
+    (TAESD, full size) on disk."""
+    from sd_onnx.cli import main
+    from sd_onnx.runtime import pipeline
+    from sd_onnx.runtime.model import LoadedModel
+    from sd_onnx.runtime.requests import GenerateRequest
+
+    vae, _ = taesd_files
+    folder = tiny_model("sd1")
+    request = GenerateRequest("a cat", steps=2, cfg_scale=1.0, seed=5, width=64, height=72, sampler="Euler")
+    model = LoadedModel(folder, "cpu", vae="taesd")
+    (image,) = list(pipeline.run(model, request))
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(image.latent[None])).sample.numpy()
+    expected = np.clip(ref[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255
+    assert np.abs(np.asarray(image.image, dtype=np.float32) - expected).max() <= 1.0  # rounding to 8 bits
+    assert "VAE Decoder: TAESD" in image.parameters
+
+    preview = tmp_path / "preview.png"
+    assert main(["generate", "a cat", "--model", str(folder), "--steps", "2", "--cfg", "1", "--seed", "5",
+                 "--width", "64", "--height", "72", "--sampler", "Euler", "--vae", "taesd", "--device", "cpu",
+                 "--preview", str(preview), "-o", str(tmp_path / "out"), "-q"]) == 0
+    png = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(png).size == (64, 72) and Image.open(preview).size == (64, 72)
+    assert not list(tmp_path.glob(".preview.png.*"))
+
+
+def test_taesd_encode_and_missing_name(taesd_files, taesd_folder, tiny_model):
+    """img2img's encode stage through TAESD (scaling 1.0) matches AutoencoderTiny.encode; an unknown --vae name is
+    one line naming the export command."""
+    from sd_onnx.errors import ModelFolderError
+    from sd_onnx.runtime import decode
+    from sd_onnx.runtime.model import LoadedModel
+
+    vae, _ = taesd_files
+    model = LoadedModel(tiny_model("sd1"), "cpu", vae="taesd")
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 56, 3), dtype=np.uint8))
+    ours = decode.encode(model, [picture])
+    with torch.no_grad():
+        ref = vae.encode(torch.from_numpy(decode.from_image(picture))).latents.numpy()
+    assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    with pytest.raises(ModelFolderError, match="export-vae-approx"):
+        LoadedModel(tiny_model("sd1"), "cpu", vae="taesdxl")
+
+
+def test_preview_without_taesd_is_cheap(tiny_model, monkeypatch, tmp_path):
+    """No TAESD installed and none chosen: the live preview is A1111's cheap approximation at latent size."""
+    from sd_onnx.runtime import decode
+    from sd_onnx.runtime.model import LoadedModel
+
+    monkeypatch.setenv("SD_ONNX_HOME", str(tmp_path))
+    model = LoadedModel(tiny_model("sd1"), "cpu")
+    assert model.preview_vae is None
+    assert decode.preview(model, np.zeros((4, 6, 5), np.float32)).size == (5, 6)
