@@ -148,3 +148,110 @@ def test_preview_without_taesd_is_cheap(tiny_model, monkeypatch, tmp_path):
     model = LoadedModel(tiny_model("sd1"), "cpu")
     assert model.preview_vae is None
     assert decode.preview(model, np.zeros((4, 6, 5), np.float32)).size == (5, 6)
+
+
+# --- LCM: a UNet with a guidance embedding -------------------------------------------------------------------
+
+LCM_DIM = 32
+SIZE = (64, 72)
+
+
+@pytest.fixture(scope="module")
+def lcm_checkpoint(tmp_path_factory):
+    """The tiny SD 1.x checkpoint with an LCM guidance projection under the LDM prefix."""
+    from sd_onnx.export.synthetic import write_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_checkpoint(tmp_path_factory.mktemp("lcm") / "tiny-lcm.ckpt", "sd1", seed=7, cond_proj_dim=LCM_DIM)
+
+
+@pytest.fixture(scope="module")
+def lcm_model(lcm_checkpoint, tmp_path_factory):
+    from sd_onnx.export.exporter import export_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_model(lcm_checkpoint, tmp_path_factory.mktemp("lcm-models") / "tiny-lcm").folder
+
+
+def _lcm_reference(checkpoint: Path):
+    from transformers import CLIPTokenizer
+
+    from sd_onnx.export.checkpoint import load_checkpoint
+    from sd_onnx.export.convert import build_reference_model
+    from sd_onnx.runtime.tokenizer import write_tokenizer_folder
+
+    model = build_reference_model(load_checkpoint(checkpoint))
+    tok_dir = checkpoint.parent / f"{checkpoint.stem}-tokenizer"
+    write_tokenizer_folder(tok_dir, pad_token=model.family.pad_token)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = diffusers.LatentConsistencyModelPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+            unet=model.unet, scheduler=diffusers.LCMScheduler.from_config(model.scheduler_config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_guidance_embedding_matches_diffusers():
+    """Our NumPy get_guidance_scale_embedding against diffusers' (torch, float32): 2e-3, diffusers' own rounding of
+    float32 arguments up to w * 1000 = 7000 rad (7000 * 2**-24 per ulp, times a few ulps through exp and mul)."""
+    pipe_cls = diffusers.LatentConsistencyModelPipeline
+    from sd_onnx.runtime.fewstep import guidance_scale_embedding
+
+    for w, dim in ((7.0, 256), (0.5, 32), (3.0, 33)):
+        ref = pipe_cls.get_guidance_scale_embedding(None, torch.tensor([w]), embedding_dim=dim).numpy()
+        np.testing.assert_allclose(guidance_scale_embedding(w, dim), ref, rtol=0, atol=2e-3)
+
+
+def test_lcm_export_detects_timestep_cond(lcm_model):
+    import onnx
+
+    config = json.loads((lcm_model / "unet" / "config.json").read_text())
+    assert config["time_cond_proj_dim"] == LCM_DIM
+    graph = onnx.load(str(lcm_model / "unet" / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert inputs["timestep_cond"] == ["cond_batch", LCM_DIM]
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_lcm_matches_latent_consistency_pipeline(lcm_model, lcm_checkpoint, steps):
+    """`LCM` sampler on an LCM UNet against diffusers' LatentConsistencyModelPipeline, same checkpoint, seed-derived
+    noise (initial and per step, one torch CPU generator) and A1111's LCM timesteps handed to diffusers as custom
+    timesteps (4 steps: A1111 picks 999, 679, 339, 19 where diffusers' default is 999, 759, 499, 259). Guidance is the
+    embedded scale w - 1 = 7, one UNet batch. At most 3 of 255 levels on any pixel (ONNX vs torch float rounding
+    after the VAE, as test_generate allows); the guidance embedding must matter (a run at w=2 differs)."""
+    from sd_onnx.runtime.denoiser import Denoiser, ldm_alphas_cumprod
+    from sd_onnx.runtime.model import LoadedModel
+    from sd_onnx.runtime.noise import TorchCpuRandn
+    from sd_onnx.runtime.pipeline import GenerateRequest, run
+    from sd_onnx.runtime.samplers import LcmDenoiser
+
+    seed, (w, h) = 321, SIZE
+    request = GenerateRequest("a cat in a hat", steps=steps, cfg_scale=8.0, sampler="LCM", seed=seed, width=w, height=h)
+    calls = []
+    model = LoadedModel(lcm_model, "cpu", observe=lambda c, feeds: calls.append(feeds) if c == "unet" else None)
+    ours = np.asarray(next(run(model, request)).image).astype(int)
+    assert len(calls) == steps and all(c["sample"].shape[0] == 1 for c in calls)  # no unconditional batch
+
+    lcm = LcmDenoiser(Denoiser(lambda x, t: x, ldm_alphas_cumprod()))
+    timesteps = [int(lcm.timesteps[np.argmin(np.abs(np.log(s) - lcm.log_sigmas))]) for s in lcm.get_sigmas(steps)[:-1]]
+    assert timesteps[0] == 999 and [float(c["timestep"][0]) for c in calls] == timesteps
+    pipe = _lcm_reference(lcm_checkpoint)
+    sigma_max = float(lcm.denoiser.sigma_max)
+    generator = torch.Generator().manual_seed(seed)
+    raw = torch.randn((1, 4, h // 8, w // 8), generator=generator)  # the generator then gives the step noise
+    np.testing.assert_allclose(raw.numpy(), TorchCpuRandn(seed).randn((1, 4, h // 8, w // 8)), rtol=0, atol=1e-6)
+    latents = raw * (sigma_max / (sigma_max**2 + 1) ** 0.5)  # k-diffusion's x = noise * sigma_max, in VP space
+    with torch.no_grad():
+        ref = pipe("a cat in a hat", height=h, width=w, timesteps=timesteps, guidance_scale=8.0, latents=latents,
+                   generator=generator, output_type="np").images[0]
+    ref = (ref * 255).round().astype(int)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 3, f"max diff {diff.max()} levels, mean {diff.mean():.3f}"
+    assert ours.std() > 1.0
+    other = np.asarray(next(run(LoadedModel(lcm_model, "cpu"), GenerateRequest(
+        "a cat in a hat", steps=steps, cfg_scale=2.0, sampler="LCM", seed=seed, width=w, height=h))).image)
+    assert np.abs(other.astype(int) - ours).max() > 3

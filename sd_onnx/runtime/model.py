@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from sd_onnx.errors import ModelFolderError
 from sd_onnx.home import check_folder
 from sd_onnx.runtime.denoiser import Denoiser, ldm_alphas_cumprod
+from sd_onnx.runtime.fewstep import unet_cond_dim
 from sd_onnx.runtime.providers import Device, resolve_device
 from sd_onnx.runtime.sessions import Session, cast_feeds, open_session
 from sd_onnx.runtime.tokenizer import ClipTokenizer
@@ -70,6 +71,7 @@ class LoadedModel:
         self.scaling_factor = read_scaling_factor(self.folder, self.meta, vae_cfg)
         self.latent_channels = int(vae_cfg.get("latent_channels", 4))
         self.unet_in_channels = unet_in_channels(self.folder)
+        self.unet_cond_dim = unet_cond_dim(self.folder)  # LCM UNets: the size of their guidance embedding input
         # `vae`: an approximate VAE (TAESD) by name or path for the VAE stages; None or "full": the folder's own
         self.vae_approx = None if vae in (None, "", "full", "auto") else find_vae_approx(vae)
         self.preview_vae = self.vae_approx or default_preview()
