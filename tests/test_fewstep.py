@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs NumPy 2 array protocols
 diffusers = pytest.importorskip("diffusers")
 
 
@@ -255,3 +256,39 @@ def test_lcm_matches_latent_consistency_pipeline(lcm_model, lcm_checkpoint, step
     other = np.asarray(next(run(LoadedModel(lcm_model, "cpu"), GenerateRequest(
         "a cat in a hat", steps=steps, cfg_scale=2.0, sampler="LCM", seed=seed, width=w, height=h))).image)
     assert np.abs(other.astype(int) - ours).max() > 3
+
+
+# --- SD-Turbo class: one step at t = 999 without CFG ------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd2", "sd1"])
+def test_one_step_turbo_matches_diffusers(tiny_model, tiny_checkpoint, family):
+    """`--sampler "Euler a" --steps 1 --cfg 1` (SD-Turbo's recipe on SD 2.1 and SDXS-class models on SD 1.5) against
+    diffusers' StableDiffusionPipeline with EulerAncestralDiscreteScheduler(timestep_spacing="trailing"), 1 step,
+    guidance 0, as the SD-Turbo model card runs it: both evaluate the UNet once at t = 999, conditional batch only,
+    and return its denoised latent. At most 3 of 255 levels (ONNX vs torch rounding after the VAE)."""
+    from tests.test_generate import reference_pipeline
+
+    from sd_onnx.runtime.model import LoadedModel
+    from sd_onnx.runtime.noise import TorchCpuRandn
+    from sd_onnx.runtime.pipeline import GenerateRequest, run
+
+    seed, (w, h) = 77, SIZE
+    calls = []
+    model = LoadedModel(tiny_model(family), "cpu", observe=lambda c, f: calls.append(f) if c == "unet" else None)
+    ours = np.asarray(next(run(model, GenerateRequest("a red fox", steps=1, cfg_scale=1.0, sampler="Euler a",
+                                                      seed=seed, width=w, height=h))).image).astype(int)
+    assert len(calls) == 1 and calls[0]["sample"].shape[0] == 1
+    assert abs(float(calls[0]["timestep"][0]) - 999) < 1e-3
+    pipe = reference_pipeline(tiny_checkpoint(family), diffusers.EulerAncestralDiscreteScheduler)
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                          timestep_spacing="trailing")
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    noise = torch.from_numpy(TorchCpuRandn(seed).randn((1, 4, h // 8, w // 8)))
+    with torch.no_grad():  # trailing spacing: init_noise_sigma is sigma_max, as k-diffusion's start
+        ref = pipe("a red fox", height=h, width=w, num_inference_steps=1, guidance_scale=0.0, latents=noise,
+                   output_type="np").images[0]
+    ref = (ref * 255).round().astype(int)
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 3, f"max diff {diff.max()} levels, mean {diff.mean():.3f}"
+    assert ours.std() > 1.0
