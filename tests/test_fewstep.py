@@ -292,3 +292,24 @@ def test_one_step_turbo_matches_diffusers(tiny_model, tiny_checkpoint, family):
     diff = np.abs(ours - ref)
     assert diff.max() <= 3, f"max diff {diff.max()} levels, mean {diff.mean():.3f}"
     assert ours.std() > 1.0
+
+
+def test_lcm_with_taesd_runs_without_torch(lcm_model, taesd_folder, tmp_path):
+    """The few-step path (LCM UNet with timestep_cond, TAESD decode, --preview) stays torch-free: a subprocess where
+    torch, diffusers and transformers are unimportable."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "
+        "from sd_onnx.cli import main; "
+        f"rc = main(['generate', 'a cat', '--model', {str(lcm_model)!r}, '--sampler', 'LCM', '--steps', '2', "
+        f"'--cfg', '8', '--vae', 'taesd', '--width', '64', '--height', '64', '--device', 'cpu', "
+        f"'--preview', {str(tmp_path / 'p.png')!r}, '-o', {str(tmp_path)!r}, '-q']); "
+        "assert not any(sys.modules.get(m) for m in ('torch', 'diffusers', 'transformers')); sys.exit(rc)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "p.png").is_file() and len(list(tmp_path.glob("*.png"))) == 2
