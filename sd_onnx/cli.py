@@ -64,6 +64,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_vae_approx(args: argparse.Namespace) -> int:
+    try:
+        from sd_onnx.export.taesd import export_vae_approx
+    except ImportError as e:
+        raise SdOnnxError(f"export needs the export extra ({e.name} is missing): pip install 'sd-onnx[export]'") from None
+    result = export_vae_approx([Path(f) for f in args.files], Path(args.output) if args.output else None, args.name,
+                               args.force, log=(lambda m: None) if args.quiet else _say)
+    _out(f"exported TAESD ({', '.join(c[4:] for c in result.components)}) to {result.folder} in {result.seconds:.1f} s")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from sd_onnx.runtime.requests import GenerateRequest
 
@@ -112,11 +123,14 @@ def _run_generation(args: argparse.Namespace, request_type) -> int:
     outdir = prepare_outdir(Path(args.output))
     start = time.perf_counter()
     progress = None if args.quiet else (lambda label: Progress(label))
-    model = LoadedModel(folder, args.device, args.threads, args.low_memory)
+    model = LoadedModel(folder, args.device, args.threads, args.low_memory, vae=args.vae)
     model.lora_dir, model.embeddings_dir = args.lora_dir, args.embeddings_dir
     timings: dict[str, float] = {}
     n, first_seed = 0, None
-    for image in run(model, request, progress, timings):  # each image is on disk before the next batch starts
+    control = None
+    if args.preview:
+        control, progress = _previews(model, Path(args.preview), progress)
+    for image in run(model, request, progress, timings, control):  # each image is on disk before the next batch starts
         path = save_png(image.image, outdir, 0, image.seed, image.parameters)
         first_seed = image.seed if first_seed is None else first_seed
         n += 1
@@ -129,6 +143,30 @@ def _run_generation(args: argparse.Namespace, request_type) -> int:
         ("sampling_s", "sampling"), ("upscale_s", "upscale"), ("vae_decode_s", "VAE decode")) if key in timings]
     _say(f"{n} image(s) in {elapsed:.1f} s ({elapsed / n:.1f} s/image) on {model.device.name}: {', '.join(parts)}")
     return 0
+
+
+def _previews(model, path: Path, progress):
+    """A RunControl and a progress factory that write the latest clean-latent prediction to `path` after each step
+    (TAESD when installed, else A1111's cheap approximation), replaced atomically so a viewer never reads half a PNG."""
+    from sd_onnx.runtime.control import RunControl
+    from sd_onnx.runtime.decode import preview
+
+    control = RunControl()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def factory(label: str):
+        inner = progress(label) if progress else None
+
+        def step(i: int, total: int) -> None:
+            latent = control.preview()
+            if latent is not None:
+                preview(model, latent[0]).save(tmp, format="PNG")
+                os.replace(tmp, path)
+            if inner is not None:
+                inner(i, total)
+        return step
+
+    return control, factory
 
 
 def _from_png(args: argparse.Namespace) -> tuple[dict, str | None]:
@@ -266,6 +304,10 @@ def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
                    help="LoRA files named in the prompt as <lora:NAME:WEIGHT> (default: $SD_ONNX_HOME/loras)")
     p.add_argument("--embeddings-dir", type=Path, default=None,
                    help="textual-inversion embeddings, used by typing their name (default: $SD_ONNX_HOME/embeddings)")
+    p.add_argument("--vae", metavar="NAME", help="full (default: the model's own VAE) or an approximate VAE exported "
+                                                 "with `sd-onnx export-vae-approx` (taesd): ~50x cheaper decode")
+    p.add_argument("--preview", metavar="FILE", help="write a live preview PNG here after every step (TAESD when "
+                                                     "installed, else the cheap approximation)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the plain UNet graph (default: fuse attention/LayerNorm with ONNX Runtime's optimizer)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-vae-approx", help="export TAESD (taesd_decoder.pth, taesd_encoder.pth) to ONNX, "
+                                                 "into $SD_ONNX_HOME/vae-approx/<name>")
+    p.add_argument("files", nargs="+", metavar="FILE", help="taesd_decoder.pth and/or taesd_encoder.pth (.pth or "
+                                                            ".safetensors; or one diffusers AutoencoderTiny file)")
+    p.add_argument("-o", "--output", help="output folder (default: $SD_ONNX_HOME/vae-approx/<name>)")
+    p.add_argument("--name", help="folder name (default: the first file's name without _decoder/_encoder)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_export_vae_approx)
 
     p = sub.add_parser("generate", help="txt2img (with hires fix) from an exported model folder")
     _generation_options(p, samplers)

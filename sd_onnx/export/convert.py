@@ -161,6 +161,9 @@ def _build_unet_vae(config: dict, sd: dict, image_size: int):
         warnings.simplefilter("ignore", FutureWarning)  # diffusers deprecates image_size; we pass the YAML's
         unet_cfg = sfu.create_unet_diffusers_config_from_ldm(config, sd, image_size=image_size)
         unet_sd = sfu.convert_ldm_unet_checkpoint(sd, unet_cfg)
+        from sd_onnx.export.fewstep import add_cond_proj
+
+        add_cond_proj(sd, unet_cfg, unet_sd)  # LCM-distilled UNets: the guidance embedding's projection
         vae_cfg = sfu.create_vae_diffusers_config_from_ldm(config, sd, image_size=image_size)
         vae_sd = sfu.convert_ldm_vae_checkpoint(sd, vae_cfg)
     unet = _load_module(UNet2DConditionModel(**unet_cfg), unet_sd, "unet")

@@ -82,6 +82,10 @@ def export_model(
         for spec in COMPONENTS:
             t0 = time.perf_counter()
             log(f"exporting {spec.name}")
+            if spec.name == "unet":  # an LCM UNet takes its guidance embedding as a fourth input
+                from sd_onnx.export.fewstep import unet_spec
+
+                spec = unet_spec(spec, modules["unet"])
             patchable = (module_fingerprints(modules[spec.name]) if spec.name in PATCHABLE else None)
             export_component(spec, modules[spec.name], tmp / spec.name, opset)
             seconds[spec.name] = round(time.perf_counter() - t0, 2)

@@ -112,12 +112,18 @@ def ldm_state_dict(family_name: str, unet, vae, text, config: dict) -> dict[str,
 
 
 def write_checkpoint(
-    path: Path, family_name: str, size: str = "tiny", seed: int = 0, with_yaml: bool = True
+    path: Path, family_name: str, size: str = "tiny", seed: int = 0, with_yaml: bool = True, cond_proj_dim: int = 0
 ) -> Path:
-    """Write a random-weight checkpoint (.ckpt zip with a Lightning-style wrapper, or .safetensors)."""
+    """Write a random-weight checkpoint (.ckpt zip with a Lightning-style wrapper, or .safetensors).
+    `cond_proj_dim`: an LCM-distilled UNet's guidance projection of that width (LCM_Dreamshaper: 256)."""
     path = Path(path)
     config, unet, vae, text = build_modules(family_name, size, seed)
     sd = ldm_state_dict(family_name, unet, vae, text, config)
+    if cond_proj_dim:
+        from sd_onnx.export.fewstep import LDM_COND_PROJ
+
+        channels = config["model"]["params"]["unet_config"]["params"]["model_channels"]
+        sd[LDM_COND_PROJ] = torch.randn(channels, cond_proj_dim, generator=torch.Generator().manual_seed(seed)) * 0.3
     del unet, vae, text
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":

@@ -29,7 +29,7 @@ def decode(model, latents: NDArray) -> list[Image.Image]:
     run = lambda t: session.run({"latent_sample": t})[0]  # noqa: E731
     pictures = []
     for latent in latents:
-        z = latent[None] / model.scaling_factor
+        z = latent[None] / np.float32(_scaling(model, "vae_decoder"))
         decoded = decode_tiled(run, z) if model.low_memory else run(z)
         pictures.extend(to_images(check_finite(decoded, "VAE decoder")))
     return pictures
@@ -51,5 +51,31 @@ def encode_pixels(model, x: NDArray) -> NDArray[np.float32]:
     channels = model.latent_channels
     run = lambda t: session.run({"sample": t})[0][:, :channels]  # noqa: E731  (mean of mean + log-variance)
     moments = encode_tiled(run, x) if model.low_memory else run(x)
-    return (check_finite(moments, "VAE encoder") * np.float32(model.scaling_factor)).astype(np.float32)
+    return (check_finite(moments, "VAE encoder") * np.float32(_scaling(model, "vae_encoder"))).astype(np.float32)
+
+
+def _scaling(model, component: str) -> float:
+    """Each decoder owns its latent scaling: the full VAE's from its config, TAESD's 1.0 (model.vae_scaling)."""
+    scaling = getattr(model, "vae_scaling", None)
+    return scaling(component) if scaling is not None else model.scaling_factor
+
+
+# A1111's "Approximate cheap" preview (sd_vae_approx.cheap_approximation): SD 1.x/2.x latent channels -> RGB in [-1, 1]
+CHEAP_FACTORS = np.array([[0.298, 0.207, 0.208],
+                          [0.187, 0.286, 0.173],
+                          [-0.158, 0.189, 0.264],
+                          [-0.184, -0.271, -0.473]], dtype=np.float32)
+
+
+def preview(model, latent: NDArray) -> Image.Image:
+    """A live preview of one latent [4,h,w] (the sampler's scale): TAESD's full-size picture when the run uses TAESD
+    or one is installed (A1111's "TAESD" live preview; its decoder stays open until the model releases it), else
+    A1111's cheap linear approximation at latent size."""
+    if getattr(model, "preview_vae", None) is not None:
+        session = model.session("vae_preview")
+        decoded = session.run({"latent_sample": latent[None].astype(np.float32) / np.float32(
+            model.vae_scaling("vae_preview"))})[0]
+        return to_images(decoded)[0]
+    rgb = np.einsum("lhw,lr->hwr", latent[:4].astype(np.float32), CHEAP_FACTORS)
+    return Image.fromarray((np.clip((rgb + 1) / 2, 0, 1) * 255).round().astype(np.uint8), "RGB")
 

@@ -14,10 +14,13 @@ from numpy.typing import NDArray
 from sd_onnx.errors import ModelFolderError
 from sd_onnx.home import check_folder
 from sd_onnx.runtime.denoiser import Denoiser, ldm_alphas_cumprod
+from sd_onnx.runtime.fewstep import unet_cond_dim
 from sd_onnx.runtime.networks import ExtraNetworks
 from sd_onnx.runtime.providers import Device, resolve_device
 from sd_onnx.runtime.sessions import Session, cast_feeds, open_session
 from sd_onnx.runtime.tokenizer import ClipTokenizer
+from sd_onnx.runtime.vae_approx import default_preview, find_vae_approx
+from sd_onnx.runtime.vae_approx import scaling_factor as approx_scaling
 from sd_onnx.runtime.variants import precision_of
 
 Observer = Callable[[str, dict], None]
@@ -57,17 +60,22 @@ class LoadedModel:
     requests. `observe(component, feeds)`, if given, sees every input fed to every session."""
 
     def __init__(self, folder: Path | str, device: str | Device = "auto", threads: int | None = None,
-                 low_memory: bool = False, keep_loaded: bool = False, observe: Observer | None = None):
+                 low_memory: bool = False, keep_loaded: bool = False, observe: Observer | None = None,
+                 vae: str | Path | None = None):
         self.folder = Path(folder)
         self.meta = check_folder(self.folder)
         self.device = device if isinstance(device, Device) else resolve_device(device, precision=precision_of(self.meta))
         self.threads, self.low_memory, self.keep_loaded, self.observe = threads, low_memory, keep_loaded, observe
         self.schedule = read_schedule(self.folder)
         self.prediction_type = self.meta.get("prediction_type", self.schedule.prediction_type)
-        vae = vae_config(self.folder)
-        self.scaling_factor = read_scaling_factor(self.folder, self.meta, vae)
-        self.latent_channels = int(vae.get("latent_channels", 4))
+        vae_cfg = vae_config(self.folder)
+        self.scaling_factor = read_scaling_factor(self.folder, self.meta, vae_cfg)
+        self.latent_channels = int(vae_cfg.get("latent_channels", 4))
         self.unet_in_channels = unet_in_channels(self.folder)
+        self.unet_cond_dim = unet_cond_dim(self.folder)  # LCM UNets: the size of their guidance embedding input
+        # `vae`: an approximate VAE (TAESD) by name or path for the VAE stages; None or "full": the folder's own
+        self.vae_approx = None if vae in (None, "", "full", "auto") else find_vae_approx(vae)
+        self.preview_vae = self.vae_approx or default_preview()
         self._sessions: dict[str, Session] = {}
         self._tokenizer: ClipTokenizer | None = None
         # LoRA and textual inversion (runtime/networks.py): where their files are (None: under $SD_ONNX_HOME),
@@ -85,7 +93,24 @@ class LoadedModel:
         return self.meta.get("source", {}).get("short_hash", "")
 
     def has(self, component: str) -> bool:
-        return (self.folder / component / "model.onnx").is_file()
+        folder, name = self._source(component)
+        return (folder / name / "model.onnx").is_file()
+
+    def _source(self, component: str) -> tuple[Path, str]:
+        """Where a component's graph lives: the VAE stages come from the approximate VAE when one is chosen and has
+        them (a TAESD without its encoder leaves img2img on the full encoder); `vae_preview` is the live preview's
+        TAESD decoder."""
+        if component == "vae_preview" and self.preview_vae is not None:
+            return self.preview_vae, "vae_decoder"
+        if (component in ("vae_decoder", "vae_encoder") and self.vae_approx is not None
+                and (self.vae_approx / component / "model.onnx").is_file()):
+            return self.vae_approx, component
+        return self.folder, component
+
+    def vae_scaling(self, component: str) -> float:
+        """The latent scaling the VAE stage `component` owns: the folder's VAE's, or TAESD's (1.0)."""
+        folder, _ = self._source(component)
+        return self.scaling_factor if folder == self.folder else approx_scaling(folder)
 
     def tokenizer(self) -> ClipTokenizer:
         if self._tokenizer is None:
@@ -99,8 +124,10 @@ class LoadedModel:
                 raise ModelFolderError(f"{self.folder} has no {component}/model.onnx"
                                        + (" (img2img and hires fix need the VAE encoder: export the model again)"
                                           if component == "vae_encoder" else ""))
-            overrides = self.extra_networks.overrides(self.folder, component, self.component_precision(component))
-            session = open_session(self.folder, component, self.device, self.threads,
+            folder, name = self._source(component)  # the VAE may come from an approximate VAE's folder
+            overrides = (self.extra_networks.overrides(self.folder, component, self.component_precision(component))
+                         if folder == self.folder else None)
+            session = open_session(folder, name, self.device, self.threads,
                                    self.low_memory and component != "text_encoder", overrides=overrides)
             if self.observe:
                 session = _Observed(session, component, self.observe)

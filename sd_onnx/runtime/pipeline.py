@@ -18,7 +18,7 @@ from sd_onnx import __version__
 from sd_onnx.errors import UsageError
 from sd_onnx.runtime import decode, masks
 from sd_onnx.runtime.control import RunControl, StopSampling
-from sd_onnx.runtime.denoiser import GuidedUNet
+from sd_onnx.runtime.fewstep import guided_unet
 from sd_onnx.runtime.encode import Conditioning, encode_prompts
 from sd_onnx.runtime.images import flatten
 from sd_onnx.runtime.infotext import format_infotext
@@ -70,7 +70,7 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
     concat = init.concat if init is not None else _txt2img_concat(model, request, clock)
     with clock("unet_load_s"):
         model.session("unet")
-    guided = GuidedUNet(model, cond, request.cfg_scale)  # no reference of its own: release() frees the weights
+    guided = guided_unet(model, cond, request.cfg_scale)  # no reference of its own: release() frees the weights
     denoiser = model.denoiser(guided)
     for batch in range(request.batch_count):
         control.batch, control.skipped = batch, False
@@ -106,6 +106,7 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
         if control.interrupted:
             break
     model.release("unet")
+    model.release("vae_preview")
 
 
 def generate(folder: Path | str, request: GenerateRequest, device: str | Device = "auto", threads: int | None = None,
@@ -240,7 +241,7 @@ def _hires(model: LoadedModel, request: GenerateRequest, cond: Conditioning, lat
     if request.denoising_strength == 0:
         return latents
     with clock("sampling_s"):
-        denoiser = model.denoiser(GuidedUNet(model, cond, request.cfg_scale))
+        denoiser = model.denoiser(guided_unet(model, cond, request.cfg_scale))
         start = img2img_start(latents, request.hr_steps, request.denoising_strength, fixed_steps=True)
         label = "hires pass"
         callback = control.watch(label, denoiser, progress(label) if progress else None)
@@ -280,6 +281,11 @@ def settings(request: GenerateRequest, seed: int, model: LoadedModel, batch_pos:
             out["Hires steps"] = request.hr_second_pass_steps
         out["Hires upscaler"] = request.hr_upscaler
     out.update(extra or {})
+    if getattr(model, "vae_approx", None) is not None:  # A1111 1.6+'s names for its TAESD decode/encode methods
+        out["VAE Decoder"] = "TAESD"
+        if isinstance(request, Img2ImgRequest) and model.has("vae_encoder") and model.vae_scaling("vae_encoder") != \
+                model.scaling_factor:
+            out["VAE Encoder"] = "TAESD"
     if request.randn_source == "cpu":
         out["RNG"] = "CPU"  # A1111 defaults to its GPU source and marks CPU noise this way
     out["Version"] = f"sd-onnx {__version__}"

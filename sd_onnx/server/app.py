@@ -118,6 +118,17 @@ class Guard:
         return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
 
 
+async def _preview(model, latent):
+    """TAESD when the model has one to preview with (a few hundred ms, off the event loop), else the cheap one."""
+    if getattr(model, "preview_vae", None) is None:
+        return cheap_preview(latent)
+    import asyncio
+
+    from sd_onnx.runtime.decode import preview
+
+    return await asyncio.to_thread(preview, model, latent)
+
+
 def create_app(catalog: Catalog, credentials: dict[str, str] | None = None, limits: Limits | None = None,
                flags: dict | None = None) -> FastAPI:
     limits = limits or Limits()
@@ -323,7 +334,7 @@ def _routes(app: FastAPI, state: State) -> None:  # noqa: C901 - one flat list o
         if not skip_current_image:
             latent = control.preview()
             if latent is not None:
-                image = encode_png(cheap_preview(latent[0]))
+                image = encode_png(await _preview(catalog.model, latent[0]))
         return {"progress": min(value, 1.0), "eta_relative": eta, "state": state_dict, "current_image": image,
                 "textinfo": control.label or None}
 
