@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from timing import HOME_HELP, bench_home, run_child  # benchmarks/timing.py (scripts run from their folder)
+from timing import HOME_HELP, bench_home, run_child, torch_pipeline  # benchmarks/timing.py (scripts run from their folder)
 
 PROMPT, NEGATIVE, STEPS, SEED, CFG = "a black house cat typing on a computer", "blurry", 20, 1, 7.0
 CONFIGS = {
@@ -93,22 +93,9 @@ def _diffusers_onnx(folder: Path, openvino: bool):
 
 
 def _diffusers_torch(checkpoint: Path, workdir: Path):
-    import diffusers
     import torch
-    from transformers import CLIPTokenizer
 
-    from sd_onnx.export.checkpoint import load_checkpoint
-    from sd_onnx.export.convert import build_reference_model
-    from sd_onnx.runtime.tokenizer import write_tokenizer_folder
-
-    model = build_reference_model(load_checkpoint(checkpoint))
-    write_tokenizer_folder(workdir / "tokenizer", pad_token=model.family.pad_token)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=CLIPTokenizer.from_pretrained(workdir / "tokenizer"),
-        unet=model.unet, scheduler=diffusers.EulerDiscreteScheduler.from_config(model.scheduler_config,
-                                                                                timestep_spacing="linspace"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = torch_pipeline("StableDiffusionPipeline", checkpoint, workdir)
 
     def run(on_step):
         def step_end(pipeline, i, t, kwargs):

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from timing import HOME_HELP, bench_home, run_child  # benchmarks/timing.py (scripts run from their folder)
+from timing import HOME_HELP, bench_home, run_child, torch_pipeline  # benchmarks/timing.py (scripts run from their folder)
 
 PROMPT, NEGATIVE, STEPS, SEED, CFG, STRENGTH, SIZE = "a black house cat typing on a computer", "blurry", 20, 1, 7.0, 0.6, 512
 RUN_STEPS = {"ours-txt2img": STEPS, "ours-img2img": int(STRENGTH * STEPS) + 1, "torch-img2img": int(STRENGTH * STEPS) + 1}
@@ -54,22 +54,9 @@ def _ours(folder: Path, img2img: bool):
 
 
 def _torch(checkpoint: Path, workdir: Path):
-    import diffusers
     import torch
-    from transformers import CLIPTokenizer
 
-    from sd_onnx.export.checkpoint import load_checkpoint
-    from sd_onnx.export.convert import build_reference_model
-    from sd_onnx.runtime.tokenizer import write_tokenizer_folder
-
-    model = build_reference_model(load_checkpoint(checkpoint))
-    write_tokenizer_folder(workdir / "tokenizer", pad_token=model.family.pad_token)
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=CLIPTokenizer.from_pretrained(workdir / "tokenizer"),
-        unet=model.unet, scheduler=diffusers.EulerDiscreteScheduler.from_config(model.scheduler_config,
-                                                                                timestep_spacing="linspace"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = torch_pipeline("StableDiffusionImg2ImgPipeline", checkpoint, workdir)
 
     def run(on_step):
         def step_end(pipeline, i, t, kwargs):

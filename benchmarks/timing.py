@@ -55,3 +55,24 @@ def bench_home(home: Path | None) -> Path:
         home = Path(_scratch[-1].name)
     os.environ["SD_ONNX_HOME"] = str(home)
     return home
+
+
+def torch_pipeline(pipeline_class: str, checkpoint: Path, workdir: Path):
+    """A diffusers pipeline (PyTorch eager fp32, Euler with A1111's linspace grid) on the modules built from an LDM
+    checkpoint: the peer that end_to_end.py and img2img.py time against."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from sd_onnx.export.checkpoint import load_checkpoint
+    from sd_onnx.export.convert import build_reference_model
+    from sd_onnx.runtime.tokenizer import write_tokenizer_folder
+
+    model = build_reference_model(load_checkpoint(checkpoint))
+    write_tokenizer_folder(workdir / "tokenizer", pad_token=model.family.pad_token)
+    pipe = getattr(diffusers, pipeline_class)(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=CLIPTokenizer.from_pretrained(workdir / "tokenizer"),
+        unet=model.unet, scheduler=diffusers.EulerDiscreteScheduler.from_config(model.scheduler_config,
+                                                                                timestep_spacing="linspace"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
