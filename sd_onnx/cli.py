@@ -264,6 +264,34 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if run_selftest(log=print) else 1
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import json
+
+    from sd_onnx.batch import parse_seeds, run_batch
+
+    workers = args.workers
+    if workers != "auto":
+        workers = _positive_int(workers) if workers.isdigit() else None
+        if workers is None:
+            raise SdOnnxError(f"--workers expects a number or auto, got {args.workers!r}")
+    params = None
+    if args.params:
+        try:
+            params = json.loads(args.params)
+        except json.JSONDecodeError as e:
+            raise SdOnnxError(f"--params is not JSON ({e.msg})") from None
+        if not isinstance(params, dict):
+            raise SdOnnxError("--params expects a JSON object of A1111 payload fields")
+    summary = run_batch(Path(args.job), Path(args.output), args.model, args.device, workers,
+                        False if args.ray is None else (args.ray or None),
+                        parse_seeds(args.seeds) if args.seeds else None, params, say=_say,
+                        on_image=lambda record: _out(str(Path(args.output) / record["file"])))
+    _say(f"{summary.generated} image(s) made, {summary.skipped} already done, {summary.adopted} adopted, "
+         f"{summary.removed} removed, {summary.retried} batch(es) retried; {summary.images} in the job; "
+         f"{summary.seconds:.1f} s; manifest: {Path(args.output) / 'manifest.jsonl'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from sd_onnx.server import serve
 
@@ -444,6 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          "(default 150, A1111's slider maximum)")
     p.add_argument("--max-body-mb", type=_positive_int, default=None, help="largest request body (default 50 MiB)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="run a JSONL file of A1111 txt2img payloads (or prompts x --seeds) into a "
+                                     "folder, resumably: a re-run makes only what is missing")
+    p.add_argument("job", help="JOBS.jsonl: one A1111 /sdapi/v1/txt2img payload per line (or, with --seeds, "
+                               "one prompt per line)")
+    p.add_argument("-o", "--output", required=True, help="output folder: KEY.png images and manifest.jsonl")
+    p.add_argument("--model", help="model folder or name under $SD_ONNX_HOME/models (default: the only one)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
+    p.add_argument("--workers", default="auto", help="worker processes (or Ray actors), each with its own model and "
+                                                     "a share of the cores (default auto: one per 4 cores)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray actors: the cluster at ADDRESS, else a local one (pip install 'sd-onnx[ray]')")
+    p.add_argument("--seeds", metavar="A-B", help="JOB is a prompt file: each prompt once per seed A..B")
+    p.add_argument("--params", metavar="JSON", help='payload fields for every line, e.g. \'{"steps": 20}\'')
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("selftest", help="build a tiny random checkpoint, export it, generate on each provider, report")
     p.set_defaults(func=cmd_selftest)
