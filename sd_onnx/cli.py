@@ -271,9 +271,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     workers = args.workers
     if workers != "auto":
-        workers = _positive_int(workers) if workers.isdigit() else None
-        if workers is None:
-            raise SdOnnxError(f"--workers expects a number or auto, got {args.workers!r}")
+        workers = int(workers) if workers.isdigit() else 0
+        if workers < 1:
+            raise SdOnnxError(f"--workers expects a whole number of at least 1, or auto, got {args.workers!r}")
     params = None
     if args.params:
         try:
