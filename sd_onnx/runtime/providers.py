@@ -144,7 +144,7 @@ def resolve_device(name: str = "auto", available: list[str] | None = None,
 
 
 # UNet step at 512x512 with CFG, fp32 export, on a 2-core Zen 5 (AVX512-BF16, no AMX): docs/benchmarks.md "#22".
-MEASURED_BF16 = "2.3 s/step against 4.3 s with ONNX Runtime fp32 on a 2-core Zen 5"
+MEASURED_BF16 = "UNet step 2.35 s against 4.3 s with ONNX Runtime fp32 on a 2-core Zen 5"
 
 
 def cpu_arithmetic(cpu_flags: list[str], ov_devices: list[str]) -> Device | None:
