@@ -39,6 +39,8 @@ CONFIGS = {
     "ours-ort-cpu": (True, "sd-onnx fp32: ONNX Runtime CPU (what --device cpu runs)", "fp32"),
     "ours-ort-extended": (True, "sd-onnx fp32 as before the graph cache: ORT_ENABLE_EXTENDED, no NCHWc", "fp32"),
     "ours-openvino": (True, "sd-onnx fp32: OpenVINO CPU (what --device openvino runs)", "fp32"),
+    "ours-openvino-bf16-hint": (True, "sd-onnx fp32 folder: OpenVINO CPU, bf16 hint (what auto picks on BF16 CPUs, #22)",
+                                "bf16"),
     "ours-int8-ort": (True, "sd-onnx int8 variant: ONNX Runtime CPU (what auto picks)", "int8"),
     "ours-int8-openvino": (True, "sd-onnx int8 variant: OpenVINO CPU", "int8"),
     "ours-bf16-openvino": (True, "sd-onnx bf16 variant: OpenVINO CPU, bf16 hint (what auto picks)", "bf16"),
@@ -119,6 +121,11 @@ def make_runner(name: str, checkpoint: Path, folder: Path):
 
     if name == "ours-ort-extended":
         session = OrtSession(path, resolve_device("cpu"), full_optimization=False)
+        return lambda: session.run(feeds)
+    if name == "ours-openvino-bf16-hint":
+        from dataclasses import replace
+
+        session = open_session(folder, "unet", replace(resolve_device("openvino"), inference_precision="bf16"))
         return lambda: session.run(feeds)
     session = open_session(folder, "unet", resolve_device("openvino" if "openvino" in name else "cpu"))
     return lambda: session.run(feeds)

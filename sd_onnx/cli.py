@@ -118,12 +118,15 @@ def _run_generation(args: argparse.Namespace, request_type) -> int:
         precision = "fp32"
     folder, why = choose_variant(find_model(args.model or model_name), precision, args.device,
                                  cpu_info()["flags"])
+    model = LoadedModel(folder, args.device, args.threads, args.low_memory, vae=args.vae,
+                        arithmetic="auto" if precision == "auto" else "fp32")
+    if model.device.inference_precision == "bf16" and why == "fp32":  # auto chose bf16 arithmetic on fp32 weights
+        why = model.device.reason
     if not args.quiet or args.precision != "auto":
         _say(f"model: {folder.name}, precision {why}")
     outdir = prepare_outdir(Path(args.output))
     start = time.perf_counter()
     progress = None if args.quiet else (lambda label: Progress(label))
-    model = LoadedModel(folder, args.device, args.threads, args.low_memory, vae=args.vae)
     model.lora_dir, model.embeddings_dir = args.lora_dir, args.embeddings_dir
     timings: dict[str, float] = {}
     n, first_seed = 0, None
@@ -323,7 +326,8 @@ def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"],
                    help="which variant to run (made by `sd-onnx quantize`); auto: the best one found for this "
-                        "hardware, else fp32")
+                        "hardware, else fp32 weights (computed in bf16 by OpenVINO with --device auto on CPUs with "
+                        "AVX512-BF16/AMX; fp32 keeps fp32 arithmetic)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: the usable cores)")
     p.add_argument("--low-memory", action="store_true",
                    help="least RAM: no ONNX Runtime memory arenas, VAE in 512px tiles (for large images)")

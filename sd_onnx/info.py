@@ -33,7 +33,7 @@ def machine_report() -> dict:
     if not report["openvino"]["devices"]:
         report["missing"]["openvino"] = f"pip install {OPENVINO_PACKAGE}"
     try:
-        auto = resolve_device("auto", available)
+        auto = resolve_device("auto", available, arithmetic="auto")  # what generate/serve --precision auto do
         report["auto"] = {"device": auto.name, "providers": list(auto.providers), "reason": auto.reason}
     except SdOnnxError as e:
         report["auto"] = {"device": None, "reason": str(e)}

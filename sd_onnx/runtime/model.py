@@ -61,10 +61,13 @@ class LoadedModel:
 
     def __init__(self, folder: Path | str, device: str | Device = "auto", threads: int | None = None,
                  low_memory: bool = False, keep_loaded: bool = False, observe: Observer | None = None,
-                 vae: str | Path | None = None):
+                 vae: str | Path | None = None, arithmetic: str = "fp32"):
+        """`arithmetic="auto"` (--precision auto): --device auto may compute an fp32 folder in bf16 where that is
+        this CPU's fastest path (providers.cpu_arithmetic); "fp32" never lowers it."""
         self.folder = Path(folder)
         self.meta = check_folder(self.folder)
-        self.device = device if isinstance(device, Device) else resolve_device(device, precision=precision_of(self.meta))
+        self.device = device if isinstance(device, Device) else resolve_device(
+            device, precision=precision_of(self.meta), arithmetic=arithmetic)
         self.threads, self.low_memory, self.keep_loaded, self.observe = threads, low_memory, keep_loaded, observe
         self.schedule = read_schedule(self.folder)
         self.prediction_type = self.meta.get("prediction_type", self.schedule.prediction_type)
@@ -127,7 +130,10 @@ class LoadedModel:
             folder, name = self._source(component)  # the VAE may come from an approximate VAE's folder
             overrides = (self.extra_networks.overrides(self.folder, component, self.component_precision(component))
                          if folder == self.folder else None)
-            session = open_session(folder, name, self.device, self.threads,
+            device = self.device
+            if overrides and device.inference_precision == "bf16":  # auto's bf16 path: LoRA/TI patch on ORT only
+                device = resolve_device("cpu")
+            session = open_session(folder, name, device, self.threads,
                                    self.low_memory and component != "text_encoder", overrides=overrides)
             if self.observe:
                 session = _Observed(session, component, self.observe)

@@ -155,7 +155,8 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
     if device.backend == "openvino":
         from sd_onnx.home import cache_dir
 
-        hint = "bf16" if component_precision(folder, component) == "bf16" else "f32"
+        bf16 = component_precision(folder, component) == "bf16" or device.inference_precision == "bf16"
+        hint = "bf16" if bf16 else "f32"
         return OpenVinoSession(path, device, threads, cache_dir=None if no_cache() else cache_dir() / "openvino",
                                precision=hint)
     cpu_only = tuple(device.providers) == ("CPUExecutionProvider",)

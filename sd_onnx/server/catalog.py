@@ -65,7 +65,11 @@ class Catalog:
 
     def _open(self, folder: Path) -> LoadedModel:
         variant, self.why = choose_variant(folder, self.precision, self.device, cpu_info()["flags"])
-        return LoadedModel(variant, self.device, self.threads, self.low_memory, keep_loaded=True)
+        model = LoadedModel(variant, self.device, self.threads, self.low_memory, keep_loaded=True,
+                            arithmetic="auto" if self.precision == "auto" else "fp32")
+        if model.device.inference_precision == "bf16" and self.why == "fp32":
+            self.why = model.device.reason
+        return model
 
     @property
     def title(self) -> str:
