@@ -270,7 +270,8 @@ class Generator:
     def __init__(self, folder: str, device: str, threads: int | None):
         from sd_onnx.runtime.model import LoadedModel
 
-        self.model = LoadedModel(folder, device, threads, keep_loaded=True)
+        # as generate with --precision auto: on a BF16 CPU with OpenVINO, the fp32 folder runs in bf16 (#22)
+        self.model = LoadedModel(folder, device, threads, keep_loaded=True, arithmetic="auto")
 
     def __call__(self, request: GenerateRequest) -> list[dict]:
         from sd_onnx.runtime.pipeline import run
