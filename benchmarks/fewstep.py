@@ -7,6 +7,7 @@ optimum-style OpenVINO pipeline on the same model, interleaved rounds in one run
 Configurations (each one image in a fresh process; wall time of the whole process and its peak RSS, from wait4):
   ours-ort        `sd-onnx generate --sampler LCM --steps 4 --cfg 8 --vae taesd --device cpu` (ONNX Runtime)
   ours-openvino   the same with --device openvino (f32)
+  ours-auto       the same with --device auto: on a BF16 CPU with OpenVINO, bf16 arithmetic on the fp32 folder (#22)
   peer-openvino   what optimum-intel's OVLatentConsistencyModelPipeline does, written out (optimum-intel would pull
                   another torch into this venv): our folder's text encoder and UNet and the TAESD decoder compiled
                   by OpenVINO with its default precision (bf16 on CPUs with AVX512-BF16) and static 512x512 shapes,
@@ -28,7 +29,7 @@ from pathlib import Path
 
 PROMPT, SEED, STEPS, GUIDANCE = "a black house cat typing on a computer", 1, 4, 8.0
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("ours-ort", "ours-openvino", "peer-openvino", "ours-ort-full")
+CONFIGS = ("ours-ort", "ours-openvino", "ours-auto", "peer-openvino", "ours-ort-full")
 
 
 def make_taesd(home: Path) -> Path:
@@ -95,7 +96,7 @@ def command(config: str, model: Path, out: Path, home: Path) -> list[str]:
         return [sys.executable, __file__, "--peer", "--model", str(model), "--home", str(home), "--out", str(out)]
     cmd = [sys.executable, "-m", "sd_onnx", "generate", PROMPT, "--model", str(model), "--sampler", "LCM",
            "--steps", str(STEPS), "--cfg", str(GUIDANCE), "--seed", str(SEED), "-o", str(out.parent), "-q",
-           "--device", "openvino" if config == "ours-openvino" else "cpu"]
+           "--device", {"ours-openvino": "openvino", "ours-auto": "auto"}.get(config, "cpu")]
     return cmd + ([] if config == "ours-ort-full" else ["--vae", "taesd"])
 
 
