@@ -156,10 +156,9 @@ def test_killed_driver_resumes_exactly_once(model, tmp_path):
     assert f"{len(first)} already done" in rerun.stderr or "adopted" in rerun.stderr, rerun.stderr
 
 
-def test_killed_worker_process_is_replaced(model, tmp_path):
-    """(3) A worker killed mid-job (with units in flight) is replaced; the job still ends with all 6 images."""
-    job = write_job(tmp_path / "jobs.jsonl", JOB)
-    out = tmp_path / "out"
+def kill_first_worker():
+    """An on_image callback that SIGKILLs the worker process of the first finished image, once, and the list it
+    records that pid in."""
     killed = []
 
     def kill_once(record):
@@ -168,6 +167,14 @@ def test_killed_worker_process_is_replaced(model, tmp_path):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
+    return kill_once, killed
+
+
+def test_killed_worker_process_is_replaced(model, tmp_path):
+    """(3) A worker killed mid-job (with units in flight) is replaced; the job still ends with all 6 images."""
+    job = write_job(tmp_path / "jobs.jsonl", JOB)
+    out = tmp_path / "out"
+    kill_once, killed = kill_first_worker()
     summary = run_batch(job, out, str(model), workers=1, on_image=kill_once)
     records = check_complete(out)
     assert summary.retried >= 1
@@ -225,14 +232,7 @@ def test_ray_batch_equals_generate_and_retries_a_killed_actor(model, generated, 
     image is killed while it has units in flight, restarted by Ray, and its units re-run."""
     job = write_job(tmp_path / "jobs.jsonl", JOB)
     out = tmp_path / "out"
-    killed = []
-
-    def kill_once(record):
-        if not killed:
-            pid = int(record["worker"].rsplit(":", 1)[1])
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
+    kill_once, killed = kill_first_worker()
     summary = run_batch(job, out, str(model), workers=2, ray_address=None, on_image=kill_once)
     assert summary.generated == 6
     records = check_complete(out)
