@@ -101,7 +101,7 @@ def check_folder(path: Path) -> dict:
     missing = [r for r in REQUIRED if not (path / r).is_file()]
     if missing:
         raise ModelFolderError(f"{path} is not a complete model folder: '{missing[0]}' is missing")
-    sched = _read_json(path / "scheduler/scheduler_config.json", SCHEDULER_TYPES)
+    sched = read_scheduler_config(path)
     meta_path = path / METADATA
     if meta_path.is_file():
         return _read_json(meta_path, METADATA_TYPES)
@@ -118,6 +118,11 @@ METADATA_TYPES = {"family": str, "prediction_type": str, "scaling_factor": _NUMB
 SCHEDULER_TYPES = {"beta_start": _NUMBER, "beta_end": _NUMBER, "num_train_timesteps": int,
                    "prediction_type": str, "beta_schedule": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", _NUMBER: "a number", dict: "an object"}
+
+
+def read_scheduler_config(folder: Path) -> dict:
+    """scheduler/scheduler_config.json, checked as check_folder checks it (one ModelFolderError line if not)."""
+    return _read_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_TYPES)
 
 
 def _read_json(path: Path, types: dict) -> dict:

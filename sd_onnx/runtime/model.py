@@ -12,7 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sd_onnx.errors import ModelFolderError
-from sd_onnx.home import check_folder
+from sd_onnx.home import check_folder, read_scheduler_config
 from sd_onnx.runtime.denoiser import Denoiser, ldm_alphas_cumprod
 from sd_onnx.runtime.fewstep import unet_cond_dim
 from sd_onnx.runtime.networks import ExtraNetworks
@@ -161,18 +161,13 @@ class LoadedModel:
 
 
 def read_schedule(folder: Path) -> Schedule:
-    path = folder / "scheduler" / "scheduler_config.json"
-    try:
-        config = json.loads(path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-        if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
-            raise ModelFolderError(f"{path}: beta_schedule {config['beta_schedule']!r} is not supported "
-                                   "(scaled_linear only)")
-        return Schedule(float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)),
-                        int(config.get("num_train_timesteps", 1000)), str(config.get("prediction_type", "epsilon")))
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelFolderError(f"{path}: unreadable scheduler config ({e})") from None
+    """The training schedule, from the scheduler config home.check_folder has the types of checked."""
+    config = read_scheduler_config(folder)
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ModelFolderError(f"{folder / 'scheduler' / 'scheduler_config.json'}: beta_schedule "
+                               f"{config['beta_schedule']!r} is not supported (scaled_linear only)")
+    return Schedule(float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)),
+                    int(config.get("num_train_timesteps", 1000)), str(config.get("prediction_type", "epsilon")))
 
 
 def unet_in_channels(folder: Path) -> int:
