@@ -37,6 +37,7 @@ def machine_report() -> dict:
         report["auto"] = {"device": auto.name, "providers": list(auto.providers), "reason": auto.reason}
     except SdOnnxError as e:
         report["auto"] = {"device": None, "reason": str(e)}
+    report["auto_models"] = {p.name: _auto_choice(p, available, cpu["flags"]) for p in models}
     if "AVX" not in cpu["flags"]:
         report["note"] = "no AVX: ONNX Runtime and OpenVINO fall back to their SSE4.2 kernels (slower, still correct)"
     return report
@@ -58,6 +59,8 @@ def format_report(r: dict) -> str:
         "SD_ONNX_NO_CACHE=1 keeps none)",
         f"--device auto: {r['auto']['device']} ({r['auto']['reason']})",
     ]
+    for name, choice in r.get("auto_models", {}).items():
+        lines.append(f"  {name}: {choice}")
     for name, reason in r.get("broken_models", {}).items():
         lines.append(f"broken:      {name}: {reason}")
     if r.get("note"):
@@ -85,6 +88,19 @@ def _variants(model) -> list[str]:
     from sd_onnx.runtime.variants import PRECISIONS, is_variant, variant_path
 
     return [p for p in PRECISIONS[1:] if is_variant(variant_path(model, p), p)]
+
+
+def _auto_choice(model, available: list[str], cpu_flags: list[str]) -> str:
+    """What generate --device auto --precision auto runs for `model`: which folder, on which path, and why."""
+    from sd_onnx.runtime.variants import choose_variant, precision_of
+
+    try:
+        folder, why = choose_variant(model, "auto", "auto", cpu_flags, notice=lambda message: None)
+        device = resolve_device("auto", available, precision=precision_of(check_folder(folder)), arithmetic="auto",
+                                cpu_flags=cpu_flags)
+    except SdOnnxError as e:
+        return f"cannot run here: {e}"
+    return f"{why.split(' (')[0]} on {device.name} ({device.reason})"
 
 
 def _with_variants(name: str, variants: list[str]) -> str:

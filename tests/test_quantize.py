@@ -206,7 +206,8 @@ def test_generate_precision_choice(base, int8, bf16, fp16, tmp_path):
     from sd_onnx.runtime.variants import choose_variant
 
     assert choose_variant(base, "auto", "auto", [])[0] == int8  # a CPU without BF16: int8 when it exists
-    assert choose_variant(base, "auto", "cpu", ["AVX512-BF16"])[0] == bf16
+    assert choose_variant(base, "auto", "auto", ["AVX512-BF16"])[0] == bf16  # BF16 without VNNI: bf16 first
+    assert choose_variant(base, "auto", "cpu", ["AVX512-BF16"])[0] == int8  # ORT widens bf16 weights to fp32
     assert choose_variant(base, "auto", "cuda", [])[0] == fp16
     assert choose_variant(base, "fp32", "auto", [])[0] == base
     assert choose_variant(int8, "fp32", "cpu", [])[0] == base  # back from a variant to its original
@@ -268,7 +269,8 @@ def test_auto_device_sends_bf16_variants_to_openvino():
     assert resolve_device("auto", cpu, ["CPU"], precision="bf16").backend == "openvino"
     assert resolve_device("auto", cpu, [], precision="bf16").name == "cpu"  # no OpenVINO: ORT widens to fp32
     assert resolve_device("auto", ["CUDAExecutionProvider", *cpu], ["CPU"], precision="bf16").name == "cuda"
-    assert resolve_device("auto", cpu, ["CPU"], precision="int8").name == "cpu"  # ORT's int8 kernels measured faster
+    # without VNNI, ONNX Runtime's int8 kernels (test_cpu_arithmetic has the CPUs with VNNI)
+    assert resolve_device("auto", cpu, ["CPU"], precision="int8", cpu_flags=["AVX2", "FMA"]).name == "cpu"
 
 
 def test_the_only_installed_model_stays_the_default_after_quantizing(base, int8, tmp_path, monkeypatch):
@@ -331,3 +333,25 @@ def test_int8_unet_runs_at_sizes_not_a_multiple_of_64(base, int8):
     assert outs[1].shape == (1, 4, 9, 17)
     cosine = float((outs[0] * outs[1]).sum() / np.linalg.norm(outs[0]) / np.linalg.norm(outs[1]))
     assert cosine > 0.9, cosine
+
+
+def test_info_names_what_auto_runs_for_each_model(base, int8, bf16, tmp_path, monkeypatch):
+    """#22: `sd-onnx info` shows, per installed model, the variant and the path --device auto picks, and why."""
+    import sd_onnx.info as info
+    import sd_onnx.runtime.providers as providers
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    for folder in (base, int8, bf16):
+        (home / "models" / folder.name).symlink_to(folder)
+    monkeypatch.setenv("SD_ONNX_HOME", str(home))
+    monkeypatch.setattr(providers, "openvino_devices", lambda: ["CPU"])
+    monkeypatch.setattr(info, "openvino_devices", lambda: ["CPU"])
+    zen5 = ["SSE4.2", "AVX", "AVX2", "FMA", "AVX-512", "AVX512-VNNI", "AVX512-BF16"]
+    for flags, expected in ((zen5, f"  {base.name}: int8 on openvino (int8 variant: OpenVINO's int8 kernels"),
+                            (["SSE4.2", "AVX", "AVX2", "FMA"], f"  {base.name}: int8 on cpu (best installed")):
+        monkeypatch.setattr(providers, "cpu_info", lambda flags=flags: {"model": "fake", "logical_cores": 2,
+                                                                        "usable_cores": 2, "flags": flags})
+        monkeypatch.setattr(info, "cpu_info", providers.cpu_info)
+        text = info.format_report(info.machine_report())
+        assert expected in text, text

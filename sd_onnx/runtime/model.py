@@ -131,7 +131,7 @@ class LoadedModel:
             overrides = (self.extra_networks.overrides(self.folder, component, self.component_precision(component))
                          if folder == self.folder else None)
             device = self.device
-            if overrides and device.inference_precision == "bf16":  # auto's bf16 path: LoRA/TI patch on ORT only
+            if overrides and device.chosen_by_auto and device.backend == "openvino":  # LoRA/TI patch on ORT only
                 device = resolve_device("cpu")
             session = open_session(folder, name, device, self.threads,
                                    self.low_memory and component != "text_encoder", overrides=overrides)

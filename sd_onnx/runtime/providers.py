@@ -37,6 +37,9 @@ class Device:
     # OpenVINO's INFERENCE_PRECISION_HINT for fp32 components: "" keeps each component's own precision (f32 for fp32
     # weights); "bf16" computes fp32 weights in bf16 (what --device auto picks on BF16 CPUs: cpu_arithmetic below).
     inference_precision: str = ""
+    # chosen by --device auto as this CPU's fastest path (cpu_path), not named by the user: a session that OpenVINO
+    # cannot open (LoRA/TI weight overrides) may go to ONNX Runtime instead
+    chosen_by_auto: bool = False
 
 
 def cpu_info() -> dict:
@@ -95,24 +98,18 @@ def resolve_device(name: str = "auto", available: list[str] | None = None,
                    arithmetic: str = "fp32", cpu_flags: list[str] | None = None) -> Device:
     """Turn a --device value into a Device, or a UsageError naming what to install.
 
-    `precision` is the model folder's: a bf16 variant on a CPU goes to OpenVINO when it is installed, since that
-    is the runtime that computes in bf16 (ONNX Runtime's CPU provider widens the weights back to fp32).
-    `arithmetic`: "auto" lets an fp32 folder compute in bf16 where that is the fastest measured CPU path
-    (cpu_arithmetic); "fp32" (the default, and --precision fp32) never lowers it."""
+    `precision` is the model folder's; without a GPU, auto runs it on the fastest CPU path measured for this
+    CPU's instructions (cpu_path). `arithmetic`: "auto" lets an fp32 folder compute in bf16 where that is the
+    fastest path; "fp32" (the default, and --precision fp32) never lowers it."""
     name = (name or "auto").lower()
     available = ort_providers() if available is None else available
     if name == "auto":
         gpu = [c for c in AUTO_ORDER[:-1] if ORT_DEVICES[c][0] in available]
-        if arithmetic == "auto" and precision == "fp32" and not gpu:
-            fast = cpu_arithmetic(cpu_info()["flags"] if cpu_flags is None else cpu_flags,
-                                  openvino_devices() if ov_devices is None else ov_devices)
+        if not gpu:
+            fast = cpu_path(precision, arithmetic, cpu_info()["flags"] if cpu_flags is None else cpu_flags,
+                            openvino_devices() if ov_devices is None else ov_devices)
             if fast is not None:
                 return fast
-        if precision == "bf16" and not gpu:
-            ov = openvino_devices() if ov_devices is None else ov_devices
-            if "CPU" in ov:
-                return Device("openvino", "openvino", openvino_device="CPU",
-                              reason="bf16 variant: OpenVINO computes in bf16 on the CPU")
         for candidate in AUTO_ORDER:
             provider, _ = ORT_DEVICES[candidate]
             if provider in available:
@@ -143,18 +140,41 @@ def resolve_device(name: str = "auto", available: list[str] | None = None,
 
 
 
-# UNet step at 512x512 with CFG, fp32 export, on a 2-core Zen 5 (AVX512-BF16, no AMX): docs/benchmarks.md "#22".
-MEASURED_BF16 = "UNet step 2.35 s against 4.3 s with ONNX Runtime fp32 on a 2-core Zen 5"
+BF16_FLAGS = ("AMX-BF16", "AVX512-BF16")
+VNNI_FLAGS = ("AMX-INT8", "AVX512-VNNI", "AVX-VNNI")
+# UNet step at 512x512 with CFG on a 2-core Zen 5 (AVX512-BF16, AVX512-VNNI, no AMX): docs/benchmarks.md "#22".
+MEASURED = {
+    "fp32": "UNet step 2.35 s against 4.3 s with ONNX Runtime fp32 on a 2-core Zen 5",
+    "int8": "UNet step 1.93 s against 2.42 s with ONNX Runtime on a 2-core Zen 5",
+}
+
+
+def cpu_path(precision: str, arithmetic: str, cpu_flags: list[str], ov_devices: list[str]) -> Device | None:
+    """What --device auto runs a folder of `precision` on when no GPU is there, where that is not ONNX Runtime's CPU
+    provider: the fastest path measured for this CPU's instructions. None: ONNX Runtime.
+    - a bf16 variant: OpenVINO, the runtime that computes in bf16 (ONNX Runtime widens the weights back to fp32);
+    - an int8 variant on a CPU with VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8): OpenVINO's u8s8 kernels;
+    - an fp32 folder on a CPU with AVX512-BF16 or AMX-BF16, `arithmetic="auto"`: OpenVINO with its bf16
+      inference-precision hint (fp32 weights, bf16 arithmetic: a bf16 variant's arithmetic without a quantize step).
+    CPUs without BF16 keep fp32 arithmetic (bf16 would be emulated there, slower than fp32)."""
+    if "CPU" not in ov_devices:
+        return None
+    bf16 = [flag for flag in BF16_FLAGS if flag in cpu_flags]
+    vnni = [flag for flag in VNNI_FLAGS if flag in cpu_flags]
+    if precision == "bf16":
+        return Device("openvino", "openvino", openvino_device="CPU", chosen_by_auto=True,
+                      reason="bf16 variant: OpenVINO computes in bf16 on the CPU")
+    if precision == "int8" and vnni:
+        return Device("openvino", "openvino", openvino_device="CPU", chosen_by_auto=True,
+                      reason=f"int8 variant: OpenVINO's int8 kernels (this CPU has {vnni[0]}; measured "
+                             f"{MEASURED['int8']})")
+    if precision == "fp32" and bf16 and arithmetic == "auto":
+        return Device("openvino", "openvino", openvino_device="CPU", inference_precision="bf16",
+                      chosen_by_auto=True, reason=f"fp32 weights, bf16 arithmetic (OpenVINO, this CPU has {bf16[0]}; measured "
+                             f"{MEASURED['fp32']}); --precision fp32 keeps fp32 arithmetic")
+    return None
 
 
 def cpu_arithmetic(cpu_flags: list[str], ov_devices: list[str]) -> Device | None:
-    """The fastest measured CPU path for an fp32 folder, when it is not ONNX Runtime fp32: on a CPU with
-    AVX512-BF16 or AMX-BF16 and OpenVINO installed, OpenVINO with its bf16 inference-precision hint (fp32 weights,
-    bf16 arithmetic: the same arithmetic as a bf16 variant, without a quantize step). None elsewhere: CPUs without
-    BF16 keep fp32 (bf16 would be emulated there, slower than fp32)."""
-    bf16 = [flag for flag in ("AMX-BF16", "AVX512-BF16") if flag in cpu_flags]
-    if not bf16 or "CPU" not in ov_devices:
-        return None
-    return Device("openvino", "openvino", openvino_device="CPU", inference_precision="bf16",
-                  reason=f"fp32 weights, bf16 arithmetic (OpenVINO, this CPU has {bf16[0]}; measured "
-                         f"{MEASURED_BF16}); --precision fp32 keeps fp32 arithmetic")
+    """The device --device auto --precision auto gives an fp32 folder on this CPU when it is not ONNX Runtime's."""
+    return cpu_path("fp32", "auto", cpu_flags, ov_devices)
