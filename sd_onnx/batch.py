@@ -481,10 +481,15 @@ def run_batch(job: Path, outdir: Path, model: str | Path | None = None, device: 
 
     from sd_onnx.home import find_model
     from sd_onnx.runtime.images import prepare_outdir
+    from sd_onnx.runtime.providers import cpu_info
+    from sd_onnx.runtime.variants import choose_variant
 
     t0 = time.perf_counter()
     units = read_job(Path(job), seeds, params)
     folder = find_model(model)  # every mistake found so far is reported before anything is written
+    # as generate --precision auto: a variant beside the model when it is this machine's fastest path
+    folder, why = choose_variant(folder, "auto", device, cpu_info()["flags"], notice=say)
+    say(f"model: {folder.name}, precision {why}")
     outdir = prepare_outdir(Path(outdir))
     summary = Summary(images=sum(len(u.keys) for u in units))
     lock = open(outdir / LOCK, "a")  # noqa: SIM115 - held for the whole run

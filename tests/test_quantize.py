@@ -355,3 +355,28 @@ def test_info_names_what_auto_runs_for_each_model(base, int8, bf16, tmp_path, mo
         monkeypatch.setattr(info, "cpu_info", providers.cpu_info)
         text = info.format_report(info.machine_report())
         assert expected in text, text
+
+
+def test_batch_runs_the_variant_generate_picks(base, int8, tmp_path):
+    """`sd-onnx batch` chooses the variant as generate --precision auto does (#21 with #22): with an int8 variant
+    beside the model and --device cpu, both run it, and the images are the same."""
+    import json
+
+    from PIL import Image
+
+    from sd_onnx.batch import run_batch
+    from sd_onnx.cli import main
+
+    job = tmp_path / "job.jsonl"
+    job.write_text(json.dumps({"prompt": "a cat", "seed": 3, "steps": 2, "width": 64, "height": 64,
+                               "sampler_name": "Euler", "cfg_scale": 7}) + "\n")
+    said: list[str] = []
+    run_batch(job, tmp_path / "batch", str(base), device="cpu", workers=1, say=said.append)
+    assert f"model: {int8.name}, precision int8 (variant found beside the model; --precision fp32 for the original)" \
+        in said
+    record = json.loads((tmp_path / "batch" / "manifest.jsonl").read_text())
+    assert main(["generate", "a cat", "--model", str(base), "--device", "cpu", "--seed", "3", "--steps", "2",
+                 "--width", "64", "--height", "64", "--sampler", "Euler", "--cfg", "7", "--randn-source", "gpu",
+                 "-o", str(tmp_path / "gen"), "-q"]) == 0
+    made = np.asarray(Image.open(tmp_path / "batch" / record["file"]))
+    np.testing.assert_array_equal(made, np.asarray(Image.open(next((tmp_path / "gen").glob("*.png")))))
