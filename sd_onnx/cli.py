@@ -421,10 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", help=f"comma-separated: {','.join(COMPONENT_NAMES)} "
                                         "(default: unet for int8, all for bf16/fp16)")
     p.add_argument("--calibration-prompts", metavar="FILE", help="prompts, one per line (default: built-in)")
-    p.add_argument("--calibration-steps", type=int, default=8, help="denoising steps recorded per prompt")
+    p.add_argument("--calibration-steps", type=int, default=None, help="denoising steps recorded per prompt "
+                                                                        "(default 8; an LCM model: 4 LCM steps)")
     p.add_argument("--calibration-size", type=int, default=None, help="image size for calibration and the "
                                                                        "fidelity check (default: half the model's)")
-    p.add_argument("--fidelity-steps", type=int, default=10)
+    p.add_argument("--fidelity-steps", type=int, default=None, help="steps of the fidelity check (default 10; "
+                                                                     "an LCM model: 4 LCM steps)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--any-cpu", action="store_true", help="build a bf16 variant even on a CPU without BF16")
     p.add_argument("--threads", type=_positive_int, default=None)
