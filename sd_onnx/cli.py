@@ -59,7 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SdOnnxError(f"export needs the export extra ({e.name} is missing): pip install 'sd-onnx[export]'") from None
     result = export_model(Path(args.model), Path(args.output) if args.output else None, args.family,
                           Path(args.config) if args.config else None, args.opset, args.force, not args.no_optimize,
-                          log=(lambda m: None) if args.quiet else _say)
+                          log=(lambda m: None) if args.quiet else _say, merge_lora=args.merge_lora)
     _out(f"exported {result.family} ({result.prediction_type}) to {result.folder} in {result.seconds:.1f} s")
     return 0
 
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-optimize", action="store_true",
                    help="keep the plain UNet graph (default: fuse attention/LayerNorm with ONNX Runtime's optimizer)")
+    p.add_argument("--merge-lora", action="append", metavar="FILE:WEIGHT",
+                   help="fold a LoRA (.safetensors, kohya or diffusers keys; e.g. LCM-LoRA) into the UNet and text "
+                        "encoder at WEIGHT (default 1) before export; repeatable; recorded in sd_onnx.json")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
