@@ -195,7 +195,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = QuantizeOptions(args.precision, components, Path(args.calibration_prompts) if args.calibration_prompts
                               else None, calibration_steps=args.calibration_steps,
                               calibration_size=args.calibration_size, fidelity_steps=args.fidelity_steps,
-                              force=args.force, any_cpu=args.any_cpu, threads=args.threads)
+                              force=args.force, any_cpu=args.any_cpu, threads=args.threads, sampler=args.sampler)
     result = quantize_model(args.model, options, Path(args.output) if args.output else None,
                             log=(lambda m: None) if args.quiet else _say)
     _out(format_report(result.fidelity, result.precision))
@@ -430,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "fidelity check (default: half the model's)")
     p.add_argument("--fidelity-steps", type=int, default=None, help="steps of the fidelity check (default 10; "
                                                                      "an LCM model: 4 LCM steps)")
+    p.add_argument("--sampler", metavar="NAME", help="sampler of calibration and fidelity runs (default: LCM for an "
+                                                     "LCM UNet or a merged lcm* LoRA, else DPM++ 2M Karras)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--any-cpu", action="store_true", help="build a bf16 variant even on a CPU without BF16")
     p.add_argument("--threads", type=_positive_int, default=None)

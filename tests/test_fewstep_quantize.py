@@ -137,3 +137,23 @@ def test_bf16_lcm_variant_stores_bfloat16_and_reports_on_the_lcm_path(lcm_bf16):
     fid = _meta(lcm_bf16)["fidelity"]
     assert fid["settings"]["sampler"] == "LCM" and fid["psnr_db_min"] > 40  # measured 50.6 dB
     assert _meta(lcm_bf16)["quantization"]["calibration"] is None  # bf16 rounds weights: nothing to calibrate
+
+
+def test_recipe_follows_the_model_and_the_sampler_flag(lcm_base, tiny_model, tmp_path, capsys):
+    """LCM UNet -> LCM, guidance 8 embedded; a plain UNet -> DPM++ 2M Karras with CFG 7, unless export merged an
+    LCM-LoRA (a `lcm*` name in merged_loras) -> LCM at CFG 1; --sampler overrides, and a wrong name is one line."""
+    from sd_onnx.cli import main
+    from sd_onnx.quantize.calibration import CFG_RECIPE, LCM_LORA_RECIPE, LCM_RECIPE, recipe_for
+
+    plain = Path(shutil.copytree(tiny_model("sd1"), tmp_path / "plain"))
+    assert recipe_for(lcm_base) == LCM_RECIPE and recipe_for(plain) == CFG_RECIPE
+    assert recipe_for(plain, "LCM") == LCM_LORA_RECIPE and recipe_for(lcm_base, "LCM") == LCM_RECIPE
+    assert recipe_for(lcm_base, "Euler").sampler == "Euler" and recipe_for(lcm_base, "Euler").cfg_scale == 8.0
+    meta = _meta(plain)
+    meta["merged_loras"] = [{"name": "lcm-lora-sdv1-5", "sha256": "0" * 64, "weight": 1.0}]
+    (plain / "sd_onnx.json").write_text(json.dumps(meta))
+    assert recipe_for(plain) == LCM_LORA_RECIPE
+    assert main(["quantize", str(plain), "--int8", "--sampler", "Euler b", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown sampler 'Euler b'" in err[0]
+    assert not (tmp_path / "x").exists()

@@ -38,13 +38,31 @@ CFG_RECIPE = Recipe(SAMPLER, 7.0, calibration_steps=8, fidelity_steps=10, guidan
 # LCM-distilled UNets: A1111's LCM sampler at 4 steps (their intended 2-8), scale 8 embedded as w - 1 = 7 (the
 # scale diffusers' LCM pipeline and benchmarks/fewstep.py use).
 LCM_RECIPE = Recipe("LCM", 8.0, calibration_steps=4, fidelity_steps=4, guidance="embedded (timestep_cond, 1 batch)")
+# A UNet made few-step by a merged LCM-LoRA keeps no guidance input: LCM sampler, 4 steps, CFG 1 (one batch), as
+# A1111 users run LCM-LoRA.
+LCM_LORA_RECIPE = Recipe("LCM", 1.0, calibration_steps=4, fidelity_steps=4, guidance="none (CFG 1, 1 batch)")
 
 
-def recipe_for(folder: Path) -> Recipe:
-    """The LCM recipe for a UNet with a guidance-embedding input (time_cond_proj_dim), else the CFG one."""
+def recipe_for(folder: Path, sampler: str | None = None) -> Recipe:
+    """How to run the model at `folder` for calibration: the LCM recipe for a UNet with a guidance-embedding input
+    (time_cond_proj_dim), the LCM-LoRA one for a folder that export merged a LoRA named like `lcm*` into, else the
+    CFG one; `sampler` (quantize --sampler) overrides the guess, `LCM` choosing between the two LCM recipes."""
+    from dataclasses import replace
+
+    from sd_onnx.home import read_metadata
     from sd_onnx.runtime.fewstep import unet_cond_dim
+    from sd_onnx.runtime.samplers import SAMPLER_NAMES
 
-    return LCM_RECIPE if unet_cond_dim(Path(folder)) is not None else CFG_RECIPE
+    lcm_unet = unet_cond_dim(Path(folder)) is not None
+    if sampler is None:
+        merged = (read_metadata(Path(folder)) or {}).get("merged_loras") or []
+        lcm_lora = any(isinstance(m, dict) and str(m.get("name", "")).lower().startswith("lcm") for m in merged)
+        return LCM_RECIPE if lcm_unet else LCM_LORA_RECIPE if lcm_lora else CFG_RECIPE
+    if sampler not in SAMPLER_NAMES:
+        raise UsageError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLER_NAMES)}")
+    if sampler == "LCM":
+        return LCM_RECIPE if lcm_unet else LCM_LORA_RECIPE
+    return replace(LCM_RECIPE if lcm_unet else CFG_RECIPE, sampler=sampler)
 
 
 @dataclass

@@ -35,6 +35,7 @@ class QuantizeOptions:
     force: bool = False
     any_cpu: bool = False  # build a bf16 variant on a CPU that cannot run it fast (for another machine)
     threads: int | None = None
+    sampler: str | None = None  # calibrate and compare with this sampler (default: the model's recipe, LCM for LCM)
 
 
 @dataclass
@@ -62,7 +63,7 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
         raise UsageError(f"{base} is already a {precision_of(meta)} variant; quantize its fp32 original "
                          f"({base_folder(base, meta)}) instead")
     _check_settings(options)
-    recipe = recipe_for(base)  # an LCM UNet is calibrated and compared on its own few-step path
+    recipe = recipe_for(base, options.sampler)  # an LCM model is calibrated and compared on its own few-step path
     calib_steps = options.calibration_steps or recipe.calibration_steps
     fid_steps = options.fidelity_steps or recipe.fidelity_steps
     components = _components(options.components, precision, meta, base, log)
