@@ -22,7 +22,7 @@ from tests.test_generate import reference_image  # noqa: E402
 from tests.test_lora import STEPS, TOLERANCE, lora_layers, lora_setup, ours, write_lora  # noqa: E402,F401
 
 # Merged in torch vs patched in NumPy: both add the same float32 delta to the same float32 weight, so the graphs
-# differ by rounding only (measured: identical images); 1 level leaves room for a last-bit difference.
+# differ by rounding only (measured: identical images, 0 levels); 1 level leaves room for a last-bit difference.
 SAME_WEIGHTS = 1
 
 
@@ -59,7 +59,8 @@ def merged(lora_setup, tiny_checkpoint, tmp_path_factory) -> Path:
 def test_merged_export_matches_diffusers_fuse_lora(lora_setup, merged):
     """The merged export's plain-prompt image against diffusers' pipeline after load_lora_weights +
     fuse_lora(lora_scale=0.7) (UNet and text encoder): within 3 levels (ONNX vs torch rounding after the VAE, as
-    test_lora); and the LoRA visibly changes the picture, else the comparison proves nothing."""
+    test_lora; measured 0 on this fixture); and the LoRA visibly changes the picture, else the comparison proves
+    nothing."""
     _, pipe, loras = lora_setup
     image, _ = ours(merged, loras, "a photo of a cat")
     with warnings.catch_warnings():
