@@ -59,7 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SdOnnxError(f"export needs the export extra ({e.name} is missing): pip install 'sd-onnx[export]'") from None
     result = export_model(Path(args.model), Path(args.output) if args.output else None, args.family,
                           Path(args.config) if args.config else None, args.opset, args.force, not args.no_optimize,
-                          log=(lambda m: None) if args.quiet else _say)
+                          log=(lambda m: None) if args.quiet else _say, merge_lora=args.merge_lora)
     _out(f"exported {result.family} ({result.prediction_type}) to {result.folder} in {result.seconds:.1f} s")
     return 0
 
@@ -195,7 +195,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = QuantizeOptions(args.precision, components, Path(args.calibration_prompts) if args.calibration_prompts
                               else None, calibration_steps=args.calibration_steps,
                               calibration_size=args.calibration_size, fidelity_steps=args.fidelity_steps,
-                              force=args.force, any_cpu=args.any_cpu, threads=args.threads)
+                              force=args.force, any_cpu=args.any_cpu, threads=args.threads, sampler=args.sampler)
     result = quantize_model(args.model, options, Path(args.output) if args.output else None,
                             log=(lambda m: None) if args.quiet else _say)
     _out(format_report(result.fidelity, result.precision))
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-optimize", action="store_true",
                    help="keep the plain UNet graph (default: fuse attention/LayerNorm with ONNX Runtime's optimizer)")
+    p.add_argument("--merge-lora", action="append", metavar="FILE:WEIGHT",
+                   help="fold a LoRA (.safetensors, kohya or diffusers keys; e.g. LCM-LoRA) into the UNet and text "
+                        "encoder at WEIGHT (default 1) before export; repeatable; recorded in sd_onnx.json")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -421,10 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", help=f"comma-separated: {','.join(COMPONENT_NAMES)} "
                                         "(default: unet for int8, all for bf16/fp16)")
     p.add_argument("--calibration-prompts", metavar="FILE", help="prompts, one per line (default: built-in)")
-    p.add_argument("--calibration-steps", type=int, default=8, help="denoising steps recorded per prompt")
+    p.add_argument("--calibration-steps", type=int, default=None, help="denoising steps recorded per prompt "
+                                                                        "(default 8; an LCM model: 4 LCM steps)")
     p.add_argument("--calibration-size", type=int, default=None, help="image size for calibration and the "
                                                                        "fidelity check (default: half the model's)")
-    p.add_argument("--fidelity-steps", type=int, default=10)
+    p.add_argument("--fidelity-steps", type=int, default=None, help="steps of the fidelity check (default 10; "
+                                                                     "an LCM model: 4 LCM steps)")
+    p.add_argument("--sampler", metavar="NAME", help="sampler of calibration and fidelity runs (default: LCM for an "
+                                                     "LCM UNet or a merged lcm* LoRA, else DPM++ 2M Karras)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--any-cpu", action="store_true", help="build a bf16 variant even on a CPU without BF16")
     p.add_argument("--threads", type=_positive_int, default=None)

@@ -40,7 +40,9 @@ def export_model(
     force: bool = False,
     optimize: bool = True,
     log: Callable[[str], None] = lambda msg: None,
+    merge_lora: list[str] | None = None,
 ) -> ExportResult:
+    """`merge_lora`: `FILE:WEIGHT` items (export --merge-lora), folded into the UNet and text encoder before export."""
     from sd_onnx.export.checkpoint import file_hashes, load_checkpoint
     from sd_onnx.export.convert import build_from_diffusers, build_reference_model
     from sd_onnx.export.onnx_export import COMPONENTS, check_opset, export_component
@@ -54,6 +56,11 @@ def export_model(
     check_output(output, force, [source] + ([Path(config)] if config is not None else []))
     check_writable(output.parent)
     clean_stale_staging(output.parent)  # a killed export's leftovers count against the free space below
+    merges = []
+    if merge_lora:
+        from sd_onnx.export.merge import read_merge_loras
+
+        merges = read_merge_loras(merge_lora)  # before the checkpoint: a bad LoRA fails in a second
 
     if source.is_dir():
         model = build_from_diffusers(source, family)
@@ -72,6 +79,14 @@ def export_model(
         del ckpt
         gc.collect()
     log(f"family {model.family.name} ({model.family_reason}); config: {model.config_source}")
+    merged: list[dict] = []
+    if merges:
+        from sd_onnx.export.merge import merge_loras
+
+        merged = merge_loras({"unet": model.unet, "text_encoder": model.text_encoder}, merges, ldm_names, source.name)
+        for record in merged:
+            log(f"merged LoRA {record['name']} at {record['weight']:g} ("
+                + ", ".join(f"{n} {c} layers" for c, n in record["layers"].items()) + ")")
 
     with staged_folder(output, force, need) as tmp:
         seconds = {}
@@ -100,7 +115,7 @@ def export_model(
             if patchable is not None:  # after the fusion: the map names the initializers of the final graph
                 write_weight_map(tmp / spec.name / "model.onnx", patchable, ldm_names)
         _write_configs(tmp, model, unet_config)
-        _write_metadata(tmp, model, source, hashes, opset, fused, int(unet_config["in_channels"]))
+        _write_metadata(tmp, model, source, hashes, opset, fused, int(unet_config["in_channels"]), merged)
     _report_stale_variants(output, log)
     return ExportResult(output, model.family.name, model.prediction_type, round(time.perf_counter() - start, 2), seconds)
 
@@ -171,12 +186,13 @@ def _write_configs(folder: Path, model, unet_config: dict) -> None:
 
 
 def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int, fused: dict[str, int],
-                    unet_in_channels: int) -> None:
+                    unet_in_channels: int, merged_loras: list[dict] | None = None) -> None:
     import diffusers
     import onnx
     import torch
     import transformers
 
+    extra = {"merged_loras": merged_loras} if merged_loras else {}  # export --merge-lora: name, sha256, hash, weight
     dump_json(folder / METADATA, {
         "format": 1,
         "family": model.family.name,
@@ -188,6 +204,7 @@ def _write_metadata(folder: Path, model, source: Path, hashes: dict, opset: int,
         "unet_in_channels": unet_in_channels,
         "config_source": model.config_source,
         "source": {"name": source.name, **hashes},
+        **extra,
         "components": {name: {"file": f"{name}/model.onnx", "precision": "fp32"} for name in COMPONENT_ORDER},
         "opset": opset,
         "graph_optimizations": {"unet": fused},

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sd_onnx.home import folder_bytes
-from sd_onnx.quantize.calibration import SAMPLER
+from sd_onnx.quantize.calibration import CFG_RECIPE, Recipe
 from sd_onnx.quantize.metrics import cosine, psnr, ssim
 
 
@@ -21,15 +21,17 @@ def component_sizes(folder: Path, components) -> dict[str, float]:
 
 def compare(base: Path, variant: Path, precision: str, prompts: list[str], steps: int, size: int,
             seed: int = 2000, device: str = "auto", threads: int | None = None,
-            log=lambda msg: None) -> dict:
-    """Generate each prompt with both folders (alternating, same seed and noise) and compare the results."""
+            log=lambda msg: None, recipe: Recipe = CFG_RECIPE) -> dict:
+    """Generate each prompt with both folders (alternating, same seed and noise, the model's own sampling recipe:
+    LCM for an LCM UNet) and compare the results."""
     from sd_onnx.home import check_folder
     from sd_onnx.runtime.pipeline import GenerateRequest, generate
 
     rows, steps_s = [], {"fp32": [], precision: []}
     device_used = {}
     for i, prompt in enumerate(prompts):
-        request = GenerateRequest(prompt, steps=steps, sampler=SAMPLER, seed=seed + i, width=size, height=size)
+        request = GenerateRequest(prompt, steps=steps, sampler=recipe.sampler, cfg_scale=recipe.cfg_scale,
+                                  seed=seed + i, width=size, height=size)
         runs = {}
         for name, folder in (("fp32", base), (precision, variant)):
             result = generate(folder, request, device, threads)
@@ -46,7 +48,8 @@ def compare(base: Path, variant: Path, precision: str, prompts: list[str], steps
     step = {k: round(statistics.median(v), 4) for k, v in steps_s.items()}
     return {
         "note": "fixed prompts and seeds; with random-weight test models a regression guard, not a quality claim",
-        "settings": {"steps": steps, "size": size, "sampler": SAMPLER, "prompts": len(prompts)},
+        "settings": {"steps": steps, "size": size, "sampler": recipe.sampler, "cfg_scale": recipe.cfg_scale,
+                     "guidance": recipe.guidance, "prompts": len(prompts)},
         "images": rows,
         "psnr_db_mean": round(float(np.mean([r["psnr_db"] for r in rows])), 2),
         "psnr_db_min": min(r["psnr_db"] for r in rows),
@@ -63,7 +66,8 @@ def compare(base: Path, variant: Path, precision: str, prompts: list[str], steps
 
 def format_report(report: dict, precision: str) -> str:
     lines = [f"fidelity against fp32 ({report['settings']['prompts']} prompts, {report['settings']['steps']} steps, "
-             f"{report['settings']['size']}px, {report['settings']['sampler']}):",
+             f"{report['settings']['size']}px, {report['settings']['sampler']}, CFG {report['settings'].get('cfg_scale', 7.0):g}"
+             f"{', guidance embedded' if 'embedded' in report['settings'].get('guidance', '') else ''}):",
              f"  PSNR mean {report['psnr_db_mean']} dB (min {report['psnr_db_min']}), SSIM mean {report['ssim_mean']} "
              f"(min {report['ssim_min']}), final-latent cosine min {report['latent_cosine_min']}",
              f"  UNet step {report['unet_step_s']['fp32']} s fp32 vs {report['unet_step_s'][precision]} s {precision} "

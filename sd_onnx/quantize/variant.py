@@ -27,14 +27,15 @@ class QuantizeOptions:
     components: tuple[str, ...] | None = None
     prompts_file: Path | None = None
     calibration_prompts: int = 2
-    calibration_steps: int = 8
+    calibration_steps: int | None = None  # default: the model's recipe (8 with CFG, 4 for an LCM UNet)
     calibration_size: int | None = None  # default: half the model's native size (activation ranges barely move)
     fidelity_prompts: int = 2
-    fidelity_steps: int = 10
+    fidelity_steps: int | None = None  # default: the model's recipe (10 with CFG, 4 for an LCM UNet)
     fidelity_size: int | None = None
     force: bool = False
     any_cpu: bool = False  # build a bf16 variant on a CPU that cannot run it fast (for another machine)
     threads: int | None = None
+    sampler: str | None = None  # calibrate and compare with this sampler (default: the model's recipe, LCM for LCM)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class QuantizeResult:
 
 def quantize_model(model: str | Path | None, options: QuantizeOptions, output: Path | None = None,
                    log: Callable[[str], None] = lambda msg: None) -> QuantizeResult:
-    from sd_onnx.quantize.calibration import read_prompts, record
+    from sd_onnx.quantize.calibration import read_prompts, recipe_for, record
     from sd_onnx.quantize.fidelity import compare
     from sd_onnx.runtime.providers import cpu_info
 
@@ -62,6 +63,9 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
         raise UsageError(f"{base} is already a {precision_of(meta)} variant; quantize its fp32 original "
                          f"({base_folder(base, meta)}) instead")
     _check_settings(options)
+    recipe = recipe_for(base, options.sampler)  # an LCM model is calibrated and compared on its own few-step path
+    calib_steps = options.calibration_steps or recipe.calibration_steps
+    fid_steps = options.fidelity_steps or recipe.fidelity_steps
     components = _components(options.components, precision, meta, base, log)
     if precision == "bf16" and not options.any_cpu and not has_bf16(cpu_info()["flags"]):
         raise UsageError("this CPU has no AVX512-BF16 or AMX, so a bf16 variant would run slower than fp32 here; "
@@ -82,10 +86,10 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
         _copy_unchanged(base, tmp, components)
         recording = None
         if precision in ("int8", "fp16"):
-            log(f"recording calibration inputs: {len(prompts)} prompt(s), {options.calibration_steps} steps, "
+            log(f"recording calibration inputs: {len(prompts)} prompt(s), {calib_steps} {recipe.sampler} steps, "
                 f"{calib_size}px")
-            recording = record(base, prompts, options.calibration_steps, calib_size, device="cpu",
-                               threads=options.threads)
+            recording = record(base, prompts, calib_steps, calib_size, device="cpu", threads=options.threads,
+                               recipe=recipe)
         details = {}
         for component in components:
             t0 = time.perf_counter()
@@ -99,13 +103,15 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
         new_meta["components"] = {name: dict(info, precision=precision if name in components else info["precision"])
                                   for name, info in _listed_components(meta).items() if (tmp / info["file"]).is_file()}
         new_meta["quantization"] = {"sd_onnx": __version__, "components": details,
-                                    "calibration": {"prompts": prompts, "steps": options.calibration_steps,
+                                    "calibration": {"prompts": prompts, "steps": calib_steps,
+                                                    "sampler": recipe.sampler, "cfg_scale": recipe.cfg_scale,
+                                                    "guidance": recipe.guidance,
                                                     "size": calib_size} if recording else None}
         dump_json(tmp / METADATA, new_meta)
-        log(f"measuring fidelity against fp32 ({options.fidelity_prompts} prompt(s), {options.fidelity_steps} steps)")
+        log(f"measuring fidelity against fp32 ({options.fidelity_prompts} prompt(s), {fid_steps} {recipe.sampler} steps)")
         fidelity_prompts = read_prompts(None, options.fidelity_prompts) if options.prompts_file is None else prompts
-        fidelity = compare(base, tmp, precision, fidelity_prompts[:options.fidelity_prompts], options.fidelity_steps,
-                           fid_size, threads=options.threads, log=log)
+        fidelity = compare(base, tmp, precision, fidelity_prompts[:options.fidelity_prompts], fid_steps,
+                           fid_size, threads=options.threads, log=log, recipe=recipe)
         new_meta["fidelity"] = fidelity
         dump_json(tmp / METADATA, new_meta)
     return QuantizeResult(output, precision, components, fidelity, round(time.perf_counter() - start, 1))
@@ -113,7 +119,7 @@ def quantize_model(model: str | Path | None, options: QuantizeOptions, output: P
 
 def _check_settings(options: QuantizeOptions) -> None:
     for flag, value in (("--calibration-steps", options.calibration_steps), ("--fidelity-steps", options.fidelity_steps)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     for flag, value in (("--calibration-size", options.calibration_size), ("fidelity size", options.fidelity_size)):
         if value is not None and (value < 64 or value % 8):

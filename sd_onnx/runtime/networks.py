@@ -201,6 +201,8 @@ _KEY_LAYOUTS = (
 _PARTS = {"lora_up": "up", "lora_B": "up", "lora.up": "up", "lora_down": "down", "lora_A": "down",
           "lora.down": "down", "alpha": "alpha"}
 _COMPONENTS = {"unet": "unet", "te": "text_encoder", "text_encoder": "text_encoder"}
+# A full model's keys (LDM single file, or a diffusers UNet's own state dict): a checkpoint given where a LoRA goes.
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conv_in.", "time_embedding.")
 _OTHER_FAMILY = (("lora_te1_", "SDXL"), ("lora_te2_", "SDXL"), ("text_encoder_2.", "SDXL"),
                  ("lora_unet_label_emb", "SDXL"), ("transformer.single_transformer_blocks", "Flux"),
                  ("lora_unet_double_blocks", "Flux"), ("lora_transformer_", "SD3/Flux"))
@@ -220,13 +222,19 @@ def load_network(name: str, path: Path) -> Network:
     tensors, _ = read_safetensors(path)
     if not tensors:
         raise NetworkError(f"{path.name}: holds no tensors")
+    if any(key.startswith(_CHECKPOINT_PREFIXES) for key in tensors):
+        raise NetworkError(f"{path.name} holds a model's own weights (keys such as "
+                           f"{next(k for k in tensors if k.startswith(_CHECKPOINT_PREFIXES))!r}): a checkpoint, "
+                           "not a LoRA")
     for key in tensors:
         for marker, family in _OTHER_FAMILY:
             if key.startswith(marker):
                 raise NetworkError(f"LoRA '{name}' ({path.name}) is for {family} models (key {key!r}); "
                                    "it does not apply to this model's family")
         for marker, kind in _UNSUPPORTED:
-            if marker in key:
+            # a marker with a leading dot names a tensor (`<layer>.diff`): match the key's end only, so that a key
+            # like `model.diffusion_model.*` is not taken for a weight difference
+            if (key.endswith((marker, marker + "_b")) if marker.startswith(".") else marker in key):
                 raise NetworkError(f"LoRA '{name}' ({path.name}) is a {kind} network, which sd-onnx cannot apply "
                                    "yet (LoRA and LoCon are supported)")
     parts: dict[tuple[str, str], dict[str, NDArray]] = {}
@@ -254,6 +262,29 @@ def load_network(name: str, path: Path) -> Network:
 # The model side: weights.json and the initializers it points at
 
 
+_LDM_PREFIXES = ("model.diffusion_model.", "cond_stage_model.transformer.", "cond_stage_model.model.",
+                 "cond_stage_model.")
+
+
+def layer_index(layers: dict[str, str | None]) -> dict[str, str]:
+    """Every form a LoRA file may name a layer by -> the layer's module name, from {module name: LDM key or None}:
+    the module name (diffusers/PEFT files), with `_` for `.` (kohya files of diffusers-era trainers), and the LDM
+    key without its component prefix, both ways (kohya files of LDM-era trainers). Export's --merge-lora and the
+    runtime's weights.json both match through this one table."""
+    index: dict[str, str] = {}
+    for name, ldm in layers.items():
+        index[name] = name
+        index[name.replace(".", "_")] = name
+        if ldm:
+            for prefix in _LDM_PREFIXES:
+                if ldm.startswith(prefix):
+                    short = ldm[len(prefix):]
+                    index.setdefault(short, name)
+                    index.setdefault(short.replace(".", "_"), name)
+                    break
+    return index
+
+
 class WeightMap:
     """One component's weights.json: LoRA key forms -> layer entry; reads a layer's weight with NumPy."""
 
@@ -267,19 +298,7 @@ class WeightMap:
             self.layers: dict[str, dict] = json.loads(path.read_text())["layers"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelFolderError(f"{path}: unreadable ({e}); export the model again") from None
-        self.index: dict[str, str] = {}
-        for name, entry in self.layers.items():
-            self.index[name] = name
-            self.index[name.replace(".", "_")] = name
-            ldm = entry.get("ldm")
-            if ldm:
-                for prefix in ("model.diffusion_model.", "cond_stage_model.transformer.", "cond_stage_model.model.",
-                               "cond_stage_model."):
-                    if ldm.startswith(prefix):
-                        short = ldm[len(prefix):]
-                        self.index.setdefault(short, name)
-                        self.index.setdefault(short.replace(".", "_"), name)
-                        break
+        self.index = layer_index({name: entry.get("ldm") for name, entry in self.layers.items()})
 
     def lookup(self, key: str) -> str | None:
         return self.index.get(key)
@@ -299,31 +318,46 @@ class WeightMap:
                                    "export the model again") from None
 
 
+def layer_deltas(uses: list[tuple[Network, float]], component: str, lookup, shape_of, model: str) -> dict[str, NDArray]:
+    """layer name -> sum(multiplier * delta) over the networks' layers of `component`, each delta in the layer's own
+    (out, in[, kh, kw]) layout. `lookup(key)` names the layer a LoRA key means (None: the model has none),
+    `shape_of(layer)` its weight's shape; `model` names the model in errors. Shared by run-time patching (layers
+    found through weights.json) and export's --merge-lora (layers of the torch modules)."""
+    deltas: dict[str, NDArray] = {}
+    for net, mult in uses:
+        if mult == 0:
+            continue
+        for (comp, key), module in net.modules.items():
+            if comp != component:
+                continue
+            layer = lookup(key)
+            if layer is None:
+                raise NetworkError(f"LoRA '{net.name}' ({net.path.name}) names layer {key!r}, which {model}'s "
+                                   f"{component} does not have: a LoRA for another model family?")
+            try:
+                delta = module.delta(tuple(shape_of(layer)))
+            except ValueError as e:
+                raise NetworkError(f"LoRA '{net.name}' ({net.path.name}) does not fit {model}'s {component} layer "
+                                   f"{layer} ({e}): a LoRA for another model family?") from None
+            deltas[layer] = deltas[layer] + mult * delta if layer in deltas else mult * delta
+    return deltas
+
+
 def patched_weights(folder: Path, component: str, uses: list[tuple[Network, float]],
                     weight_map: WeightMap | None = None) -> dict[str, NDArray[np.float32]]:
     """initializer name -> W + sum(multiplier * delta) for every layer the networks touch in `component`."""
-    wanted = [(net, mult, key, module) for net, mult in uses for (comp, key), module in net.modules.items()
-              if comp == component and mult != 0]
-    if not wanted:
+    if not any(comp == component and mult != 0 for net, mult in uses for comp, _ in net.modules):
         return {}
     wmap = weight_map or WeightMap(folder, component)
-    deltas: dict[str, NDArray] = {}
-    for net, mult, key, module in wanted:
-        layer = wmap.lookup(key)
-        if layer is None:
-            raise NetworkError(f"LoRA '{net.name}' ({net.path.name}) names layer {key!r}, which {folder.name}'s "
-                               f"{component} does not have: a LoRA for another model family?")
+
+    def shape_of(layer: str) -> tuple:
         entry = wmap.layers[layer]
         if entry.get("shared_with"):
             raise NetworkError(f"{folder.name}: {component} layer {layer} shares its weights with "
                                f"{entry['shared_with'][0]} in the exported graph; it cannot be patched alone")
-        shape = tuple(entry["shape"][::-1] if entry["transposed"] else entry["shape"])
-        try:
-            delta = module.delta(shape)
-        except ValueError as e:
-            raise NetworkError(f"LoRA '{net.name}' ({net.path.name}) does not fit {folder.name}'s {component} layer "
-                               f"{layer} ({e}): a LoRA for another model family?") from None
-        deltas[layer] = deltas[layer] + mult * delta if layer in deltas else mult * delta
+        return tuple(entry["shape"][::-1] if entry["transposed"] else entry["shape"])
+
+    deltas = layer_deltas(uses, component, wmap.lookup, shape_of, folder.name)
     out = {}
     for layer, delta in deltas.items():
         entry = wmap.layers[layer]

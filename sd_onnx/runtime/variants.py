@@ -30,11 +30,16 @@ def base_folder(folder: Path, meta: dict) -> Path:
 
 
 def base_identity(folder: Path, meta: dict) -> str:
-    """What a variant records of the fp32 folder it was made from: the source checkpoint's sha256, or, for a folder
+    """What a variant records of the fp32 folder it was made from: the source checkpoint's sha256 (and those of the
+    LoRAs merged into it, with their weights), or, for a folder
     exported from a diffusers folder (no hash), a stamp of its files' names, sizes and modification times."""
     sha = meta.get("source", {}).get("sha256")
     if isinstance(sha, str) and sha:
-        return f"sha256:{sha}"
+        # LoRAs merged at export make another model from the same checkpoint: a variant of the plain export (or of
+        # another merge) must read as stale
+        merged = meta.get("merged_loras") or []
+        return f"sha256:{sha}" + "".join(f"+lora:{m.get('sha256', '')[:16]}@{m.get('weight')}" for m in merged
+                                         if isinstance(m, dict))
     stamp = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != METADATA):
         stat = path.stat()
