@@ -166,7 +166,8 @@ def test_each_gpu_provider_gets_its_options(monkeypatch):
     monkeypatch.delenv("SD_ONNX_GPU_MEM_LIMIT", raising=False)
     cuda, cpu = provider_options(CUDA)
     assert cpu == CPU
-    assert cuda == ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE", "cudnn_conv_use_max_workspace": "1",
+    assert cuda == ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE",
+                                              "cudnn_conv_use_max_workspace": "1",
                                               "arena_extend_strategy": "kSameAsRequested",
                                               "do_copy_in_default_stream": "1"})
     rocm = provider_options(Device("rocm", "ort", ("ROCMExecutionProvider", CPU)))[0]
