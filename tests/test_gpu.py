@@ -178,7 +178,8 @@ def test_each_gpu_provider_gets_its_options(monkeypatch):
     assert low["gpu_mem_limit"] == str(3 << 29) and low["cudnn_conv_algo_search"] == "HEURISTIC"
     assert low["cudnn_conv_use_max_workspace"] == "0"
     migraphx = provider_options(Device("migraphx", "ort", ("MIGraphXExecutionProvider", CPU)))[0]
-    assert migraphx == ("MIGraphXExecutionProvider", {"migraphx_mem_limit": str(3 << 29)})
+    assert migraphx == ("MIGraphXExecutionProvider", {"migraphx_arena_extend_strategy": "kSameAsRequested",
+                                                      "migraphx_mem_limit": str(3 << 29)})
     assert provider_options(resolve_device("cpu")) == [CPU]
 
 

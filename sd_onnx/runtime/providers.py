@@ -212,8 +212,9 @@ def provider_options(device: Device, low_memory: bool = False) -> list:
     """What onnxruntime.InferenceSession gets as `providers`: each provider of the device with the options that suit
     it. CUDA: the fastest cuDNN convolution found by trying them all once per shape (EXHAUSTIVE; HEURISTIC with
     --low-memory, as the search itself takes workspace), an arena that grows by what is asked instead of doubling
-    (kSameAsRequested: doubling past 1 GB wastes most of a small card), copies on the compute stream. ROCm: the
-    MIOpen equivalents. The VRAM ceiling (SD_ONNX_GPU_MEM_LIMIT) goes to the providers that take one."""
+    (kSameAsRequested: doubling can reserve up to twice what is used), copies on the compute stream. ROCm: the
+    MIOpen equivalents; MIGraphX the arena policy. DirectML takes none of these (sessions.py sets the session
+    options it needs). The VRAM ceiling (SD_ONNX_GPU_MEM_LIMIT) goes to the providers that take one."""
     limit = gpu_mem_limit()
     options = []
     for provider in device.providers:
@@ -225,6 +226,8 @@ def provider_options(device: Device, low_memory: bool = False) -> list:
         elif provider == "ROCMExecutionProvider":
             opts = {"miopen_conv_exhaustive_search": "0" if low_memory else "1",
                     "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"}
+        elif provider == "MIGraphXExecutionProvider":  # MIGraphX compiles and tunes the graph itself
+            opts = {"migraphx_arena_extend_strategy": "kSameAsRequested"}
         if limit is not None and provider in ("CUDAExecutionProvider", "ROCMExecutionProvider"):
             opts["gpu_mem_limit"] = str(limit)
         elif limit is not None and provider == "MIGraphXExecutionProvider":
