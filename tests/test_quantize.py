@@ -279,10 +279,12 @@ def test_fp16_keeps_a_weight_beyond_fp16_range_in_fp32_once(tmp_path):
     np.testing.assert_allclose(out, x + 1, rtol=1e-3)
 
 
-def test_generate_precision_choice(base, int8, bf16, fp16, tmp_path):
+def test_generate_precision_choice(base, int8, bf16, fp16, tmp_path, monkeypatch):
+    import sd_onnx.runtime.providers as providers
     from sd_onnx.errors import ModelFolderError
     from sd_onnx.runtime.variants import choose_variant
 
+    monkeypatch.setattr(providers, "ort_providers", lambda: ["CPUExecutionProvider"])  # auto: the CPU (test_gpu: GPUs)
     assert choose_variant(base, "auto", "auto", [])[0] == int8  # a CPU without BF16: int8 when it exists
     assert choose_variant(base, "auto", "auto", ["AVX512-BF16"])[0] == bf16  # BF16 without VNNI: bf16 first
     assert choose_variant(base, "auto", "cpu", ["AVX512-BF16"])[0] == int8  # ORT widens bf16 weights to fp32
