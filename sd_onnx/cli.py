@@ -330,7 +330,8 @@ def _generation_options(p: argparse.ArgumentParser, samplers: str) -> None:
                         "AVX512-BF16/AMX; fp32 keeps fp32 arithmetic)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: the usable cores)")
     p.add_argument("--low-memory", action="store_true",
-                   help="least RAM: no ONNX Runtime memory arenas, VAE in 512px tiles (for large images)")
+                   help="least RAM: no ONNX Runtime memory arenas, VAE in 512px tiles (for large images); on a "
+                        "GPU also cuDNN's heuristic convolution search (SD_ONNX_GPU_MEM_LIMIT=2G caps VRAM)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="LoRA files named in the prompt as <lora:NAME:WEIGHT> (default: $SD_ONNX_HOME/loras)")
@@ -478,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, rocm, migraphx, dml, openvino, openvino:GPU")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8", "bf16", "fp16"])
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: the usable cores)")
-    p.add_argument("--low-memory", action="store_true", help="no memory arenas, VAE in tiles")
+    p.add_argument("--low-memory", action="store_true", help="no memory arenas, VAE in tiles (GPU: see generate)")
     p.add_argument("--max-steps", type=_positive_int, default=None, help="most sampling steps a request may ask "
                                                                          "(default 150, A1111's slider maximum)")
     p.add_argument("--max-body-mb", type=_positive_int, default=None, help="largest request body (default 50 MiB)")

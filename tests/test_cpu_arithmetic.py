@@ -60,8 +60,11 @@ def test_int8_variants_run_on_openvino_where_the_cpu_has_vnni():
     assert resolve_device("cpu", CPU, ["CPU"], precision="int8", cpu_flags=ZEN5).backend == "ort"  # as named
 
 
-def test_auto_prefers_the_variant_of_the_fastest_path(tmp_path):
+def test_auto_prefers_the_variant_of_the_fastest_path(tmp_path, monkeypatch):
+    import sd_onnx.runtime.providers as providers
     from sd_onnx.runtime.variants import auto_preference
+
+    monkeypatch.setattr(providers, "ort_providers", lambda: CPU)  # a CPU machine even where onnxruntime-gpu is
 
     assert auto_preference("auto", ZEN5, ["CPU"]) == ("int8", "bf16")  # int8 on OpenVINO beats the bf16 variant
     assert auto_preference("openvino", SAPPHIRE_RAPIDS, ["CPU"]) == ("int8", "bf16")

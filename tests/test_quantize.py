@@ -168,7 +168,48 @@ def test_fp16_stores_half_weights_and_keeps_float_io(fp16):
         assert types.get(TensorProto.FLOAT16, 0) > types.get(TensorProto.FLOAT, 0), component
         assert all(i.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64)
                    for i in model.graph.input)
-    assert _meta(fp16)["fidelity"]["psnr_db_min"] > 25
+    # The fidelity report generates the same seeds with fp32 and fp16 on the CPU provider. Measured 59.7 dB (fp16
+    # rounding of weights and activations only); 40 dB is an RMS error of 2.6 levels of 255, the "within 2 levels"
+    # the issue measured on CUDA. A weight stored wrongly (clamped, truncated, wrong dtype) lands far below.
+    assert _meta(fp16)["fidelity"]["psnr_db_min"] > 40
+
+
+def _float_weights(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)}
+
+
+def _model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+def test_fp16_stores_each_weight_once_at_half_the_size(base, fp16):
+    """#20: the fp16 variant held an fp32 copy of every weight beside the fp16 one (150 % of fp32). Every float
+    weight of the base must appear exactly once in the variant, in fp16 (values rounded, not clamped), with no other
+    float weight added, and the weights take at most 52 % of fp32's bytes."""
+    total = {"fp32": 0, "fp16": 0}
+    for component in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        original = _float_weights(base / component / "model.onnx")
+        half = _float_weights(fp16 / component / "model.onnx")
+        assert set(half) == set(original), component  # nothing missing, nothing stored a second time
+        for name, values in original.items():
+            assert half[name].dtype == np.float16, (component, name)
+            # fp16 keeps 11 significant bits; ORT's converter lifts values below fp16's smallest subnormal
+            # (5.96e-8) to it instead of flushing them to zero
+            np.testing.assert_allclose(half[name].astype(np.float32), values, rtol=2**-11, atol=6e-8)
+        assert sorted(fp16.joinpath(component).iterdir()) == sorted(fp16 / component / p.name
+                                                                  for p in (base / component).iterdir())
+        weights = {k: sum(a.nbytes for a in w.values()) for k, w in (("fp32", original), ("fp16", half))}
+        assert weights["fp16"] <= 0.52 * weights["fp32"], component
+        total["fp32"] += _model_bytes(base / component)
+        total["fp16"] += _model_bytes(fp16 / component)
+    # Whole files, graph structure included: 0.507 measured on the tiny folder (the UNet's own file 0.523: its
+    # 140 KB of node definitions do not halve, a share that is 4 % here and 0.004 % at full size).
+    assert total["fp16"] <= 0.52 * total["fp32"], total
 
 
 def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
@@ -199,12 +240,51 @@ def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
     expected = x * 3e4 / np.mean(x * 3e4) + 1
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, expected, rtol=2e-3)
+    half = onnx.load(str(tmp_path / "dst" / "model.onnx"))
+    types = {t.name: t.data_type for t in half.graph.initializer}
+    assert types == {"big": TensorProto.FLOAT16, "one": TensorProto.FLOAT16}  # the fp32 node's weight too: once, fp16
+    casts = {n.output[0]: n for n in half.graph.node if n.op_type == "Cast"}
+    # One fp32 island: the blocked chain reads fp32 tensors directly, no fp32 -> fp16 -> fp32 pair between its nodes.
+    assert not [n for n in casts.values() if n.input[0] in casts]
+    assert [n.input[1] for n in half.graph.node if n.name == "scale_up"] == [casts["big_cast_to_fp32"].output[0]]
 
 
-def test_generate_precision_choice(base, int8, bf16, fp16, tmp_path):
+def test_fp16_keeps_a_weight_beyond_fp16_range_in_fp32_once(tmp_path):
+    """A weight that fp16 cannot hold (1e5 > 65504) is stored once, in fp32, and only fp32 nodes read it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sd_onnx.quantize.halfs import convert_fp16
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "huge"], ["y"], name="up"),
+         helper.make_node("Div", ["y", "huge"], ["z"], name="down"),
+         helper.make_node("Add", ["z", "one"], ["out"], name="shift")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(np.full((1, 8), 1e5, np.float32), "huge"),
+         numpy_helper.from_array(np.ones((1, 8), np.float32), "one")])
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    x = np.linspace(-1, 1, 8, dtype=np.float32)[None] / 1e4  # y stays small: only the weight itself is too wide
+    info = convert_fp16(src, tmp_path / "dst" / "model.onnx", [{"x": x}])
+    assert info["fp32_weights"] == ["huge"] and {"up", "down"} <= set(info["fp32_nodes"])
+    half = onnx.load(str(tmp_path / "dst" / "model.onnx"))
+    assert {t.name: t.data_type for t in half.graph.initializer} == {"huge": TensorProto.FLOAT,
+                                                                     "one": TensorProto.FLOAT16}
+    out = ort.InferenceSession(str(tmp_path / "dst" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    np.testing.assert_allclose(out, x + 1, rtol=1e-3)
+
+
+def test_generate_precision_choice(base, int8, bf16, fp16, tmp_path, monkeypatch):
+    import sd_onnx.runtime.providers as providers
     from sd_onnx.errors import ModelFolderError
     from sd_onnx.runtime.variants import choose_variant
 
+    monkeypatch.setattr(providers, "ort_providers", lambda: ["CPUExecutionProvider"])  # auto: the CPU (test_gpu: GPUs)
     assert choose_variant(base, "auto", "auto", [])[0] == int8  # a CPU without BF16: int8 when it exists
     assert choose_variant(base, "auto", "auto", ["AVX512-BF16"])[0] == bf16  # BF16 without VNNI: bf16 first
     assert choose_variant(base, "auto", "cpu", ["AVX512-BF16"])[0] == int8  # ORT widens bf16 weights to fp32

@@ -25,26 +25,33 @@ FP16_HEADROOM = 4.0  # a tensor measured above 65504 / 4 on the recorded inputs 
 def activation_peaks(typed: Path, workdir: Path, feeds: list[dict], external: bool) -> dict[str, float]:
     """Largest |value| of every float tensor of a typed graph (see typed_graph) over the feeds, measured with
     ONNX Runtime's MinMax calibrator."""
+    import shutil
+    import tempfile
+
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    with quiet_logger():
-        calibrator = create_calibrator(str(typed), None, augmented_model_path=str(workdir / "peaks.onnx"),
-                                       calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
-                                       providers=["CPUExecutionProvider"])
-        try:
-            calibrator.collect_data(feeds_reader(feeds))
-            ranges = calibrator.compute_data()
-        finally:
-            del calibrator
-            for leftover in workdir.glob("peaks.onnx*"):
-                leftover.unlink()
+    # The calibrator saves its augmented copy with external data under a uuid name of onnx's choosing: give it a
+    # folder of its own and remove the whole folder (a leftover <uuid>.data beside the variant's model was a second,
+    # fp32, copy of every weight: #20's "fp16 UNet 150 % of fp32").
+    scratch = Path(tempfile.mkdtemp(prefix="peaks-", dir=workdir))
+    try:
+        with quiet_logger():
+            calibrator = create_calibrator(str(typed), None, augmented_model_path=str(scratch / "peaks.onnx"),
+                                           calibrate_method=CalibrationMethod.MinMax,
+                                           use_external_data_format=external, providers=["CPUExecutionProvider"])
+            try:
+                calibrator.collect_data(feeds_reader(feeds))
+                ranges = calibrator.compute_data()
+            finally:
+                del calibrator
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return {name: float(max(abs(float(np.min(r.range_value[0]))), abs(float(np.max(r.range_value[1])))))
             for name, r in ranges.data.items()}
 
 
 def convert_fp16(src: Path, dst: Path, feeds: list[dict]) -> dict:
     import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     limit = FP16_MAX / FP16_HEADROOM
@@ -53,18 +60,57 @@ def convert_fp16(src: Path, dst: Path, feeds: list[dict]) -> dict:
         external = external_location(onnx.load(str(typed), load_external_data=False)) is not None
         peaks = activation_peaks(typed, dst.parent, feeds, external)
         proto = onnx.load(str(typed))
-    big = {name for name, peak in peaks.items() if peak > limit}
+    wide = _wide_initializers(proto)  # weights fp16 cannot hold: stored fp32, read by fp32 nodes only
+    big = {name for name, peak in peaks.items() if peak > limit} | set(wide)
     # A tensor too big for fp16 must never be one: its producer and its consumers both stay fp32.
     blocked = sorted({n.name for n in proto.graph.node if big.intersection(n.output) or big.intersection(n.input)})
-    half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True,
-                                    op_block_list=DEFAULT_OP_BLOCK_LIST, node_block_list=blocked)
-    del proto
-    dropped = _drop_cast_round_trips(half)
-    _save(half, dst, external=external)
-    return {"method": "onnxruntime.transformers.float16, fp32 inputs/outputs",
-            "cast_round_trips_removed": dropped,
+    fp32_weights = half_weights(proto, blocked, wide)
+    dropped = _drop_cast_round_trips(proto)
+    # The typed copy's value_info served the converter; ONNX Runtime infers types itself, and the tiny graphs'
+    # size ratio would otherwise carry a second description of every tensor.
+    del proto.graph.value_info[:]
+    _save(proto, dst, external=external)
+    return {"method": "every float weight stored once in fp16 (onnxruntime.transformers.float16 with "
+                      "force_fp16_initializers), fp32 nodes read them through one shared Cast; fp32 inputs/outputs",
+            "cast_round_trips_removed": dropped, "fp32_weights": fp32_weights,
             "fp32_nodes": blocked, "fp32_rule": f"touches a tensor measured above |{limit:g}| on the recorded inputs",
             "largest_activation": max(peaks.values(), default=0.0)}
+
+
+def half_weights(proto, blocked: list[str], wide: dict) -> list[str]:
+    """Convert `proto` to fp16 in place, each float weight stored once: fp16, except the `wide` ones (name -> fp32
+    TensorProto) that fp16 cannot hold, which stay fp32 and are read only by the `blocked` (fp32) nodes. Returns the
+    names of the weights kept fp32.
+
+    ORT's converter by default keeps an fp32 copy of any weight a blocked node reads; force_fp16_initializers
+    stores it fp16 instead and gives the blocked readers one shared Cast(to=float) of it."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    graph = proto.graph
+    # Taken out for the conversion, so the converter neither rounds them nor Casts them; put back after, unchanged.
+    kept = [t for t in graph.initializer if t.name in wide]
+    for tensor in kept:
+        graph.initializer.remove(tensor)
+    described = [v for v in graph.value_info if v.name in wide]
+    for info in described:
+        graph.value_info.remove(info)
+    convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
+                             node_block_list=blocked, force_fp16_initializers=True)
+    graph.initializer.extend(kept)
+    return sorted(wide)
+
+
+def _wide_initializers(proto) -> dict:
+    """Float weights with a value beyond fp16's range (±65504), by name."""
+    from onnx import TensorProto, numpy_helper
+
+    wide = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            values = numpy_helper.to_array(tensor)
+            if values.size and float(np.max(np.abs(values))) > FP16_MAX:
+                wide[tensor.name] = tensor
+    return wide
 
 
 def _drop_cast_round_trips(proto) -> int:

@@ -178,3 +178,59 @@ def cpu_path(precision: str, arithmetic: str, cpu_flags: list[str], ov_devices: 
 def cpu_arithmetic(cpu_flags: list[str], ov_devices: list[str]) -> Device | None:
     """The device --device auto --precision auto gives an fp32 folder on this CPU when it is not ONNX Runtime's."""
     return cpu_path("fp32", "auto", cpu_flags, ov_devices)
+
+
+def auto_gpu(available: list[str] | None = None) -> str | None:
+    """The GPU device `--device auto` picks from the installed ONNX Runtime providers, or None (then the CPU)."""
+    available = ort_providers() if available is None else available
+    return next((c for c in AUTO_ORDER[:-1] if ORT_DEVICES[c][0] in available), None)
+
+
+# A VRAM ceiling for ONNX Runtime's GPU arena (the 2 GB laptop card): bytes, or a number with K/M/G (powers of 1024).
+GPU_MEM_LIMIT_ENV = "SD_ONNX_GPU_MEM_LIMIT"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def gpu_mem_limit() -> int | None:
+    """SD_ONNX_GPU_MEM_LIMIT in bytes ("2G", "1536M", "2147483648"), None when unset; a bad value is a UsageError."""
+    raw = os.environ.get(GPU_MEM_LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    text = raw.upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1] if text and text[-1] in _UNITS else ""
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = 0
+    if value < 1 << 20:
+        raise UsageError(f"{GPU_MEM_LIMIT_ENV}={raw!r} is not a memory size of at least 1M (examples: 2G, 1536M)")
+    return int(value)
+
+
+def provider_options(device: Device, low_memory: bool = False) -> list:
+    """What onnxruntime.InferenceSession gets as `providers`: each provider of the device with the options that suit
+    it. CUDA: the fastest cuDNN convolution found by trying them all once per shape (EXHAUSTIVE; HEURISTIC with
+    --low-memory, as the search itself takes workspace), an arena that grows by what is asked instead of doubling
+    (kSameAsRequested: doubling can reserve up to twice what is used), copies on the compute stream. ROCm: the
+    MIOpen equivalents; MIGraphX the arena policy. DirectML takes none of these (sessions.py sets the session
+    options it needs). The VRAM ceiling (SD_ONNX_GPU_MEM_LIMIT) goes to the providers that take one."""
+    limit = gpu_mem_limit()
+    options = []
+    for provider in device.providers:
+        opts: dict[str, str] = {}
+        if provider == "CUDAExecutionProvider":
+            opts = {"cudnn_conv_algo_search": "HEURISTIC" if low_memory else "EXHAUSTIVE",
+                    "cudnn_conv_use_max_workspace": "0" if low_memory else "1",
+                    "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"}
+        elif provider == "ROCMExecutionProvider":
+            opts = {"miopen_conv_exhaustive_search": "0" if low_memory else "1",
+                    "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"}
+        elif provider == "MIGraphXExecutionProvider":  # MIGraphX compiles and tunes the graph itself
+            opts = {"migraphx_arena_extend_strategy": "kSameAsRequested"}
+        if limit is not None and provider in ("CUDAExecutionProvider", "ROCMExecutionProvider"):
+            opts["gpu_mem_limit"] = str(limit)
+        elif limit is not None and provider == "MIGraphXExecutionProvider":
+            opts["migraphx_mem_limit"] = str(limit)
+        options.append((provider, opts) if opts else provider)
+    return options

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -10,9 +11,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sd_onnx.errors import ModelFolderError, SdOnnxError, first_line
-from sd_onnx.runtime import ort_cache
+from sd_onnx.runtime import gpu_graphs, ort_cache
 from sd_onnx.runtime.ort_cache import OptimizedModelCache
-from sd_onnx.runtime.providers import Device, usable_cores
+from sd_onnx.runtime.providers import Device, provider_options, usable_cores
 
 NOTICE_BYTES = 100 << 20  # a model this large takes seconds to optimize: say why the first start is slow
 
@@ -26,9 +27,10 @@ class Session(Protocol):
 class OrtSession:
     def __init__(self, path: Path, device: Device, threads: int | None = None, full_optimization: bool = True,
                  low_memory: bool = False, cache: OptimizedModelCache | None = None,
-                 overrides: dict[str, NDArray] | None = None):
+                 overrides: dict[str, NDArray] | None = None, label: str | None = None):
         """`cache`: load the graph ONNX Runtime optimized at an earlier start, or save it for the next one.
-        `overrides`: initializer name -> array that replaces it (LoRA, textual inversion); never cached."""
+        `overrides`: initializer name -> array that replaces it (LoRA, textual inversion); never cached.
+        `label`: the component's name in messages (default: the model file's folder)."""
         self._overrides = overrides or {}
         if self._overrides:
             cache = None  # the optimized graph would hold the patched weights
@@ -54,7 +56,7 @@ class OrtSession:
             cache.commit(staged, stamp)
         used = self._session.get_providers()
         if device.providers and used[0] != device.providers[0]:
-            print(f"sd-onnx: warning: {device.providers[0]} failed to load {path.parent.name}; "
+            print(f"sd-onnx: warning: {device.providers[0]} failed to load {label or path.parent.name}; "
                   f"running on {used[0]}", file=sys.stderr)
         self.input_types = {i.name: i.type for i in self._session.get_inputs()}
         self._outputs = [o.name for o in self._session.get_outputs()]
@@ -68,6 +70,9 @@ class OrtSession:
         keep = _add_overrides(options, path, overrides) if overrides else []
         if low_memory:  # no arena: freed activations go back to the system instead of being kept for reuse
             options.enable_cpu_mem_arena = False
+        if "DmlExecutionProvider" in device.providers:  # DirectML runs neither memory patterns nor parallel nodes
+            options.enable_mem_pattern = False
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full_optimization
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         options.intra_op_num_threads = threads or usable_cores()
@@ -76,8 +81,9 @@ class OrtSession:
             options.optimized_model_filepath = str(save_to / ort_cache.MODEL)
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", ort_cache.DATA)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        providers = provider_options(device, low_memory)  # a bad SD_ONNX_GPU_MEM_LIMIT is the user's, not ORT's
         try:
-            session = ort.InferenceSession(str(path), options, providers=list(device.providers))
+            session = ort.InferenceSession(str(path), options, providers=providers)
             session._sd_onnx_overrides = keep  # ONNX Runtime reads the overriding arrays in place: keep them alive
             return session
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/RuntimeException types
@@ -168,6 +174,18 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
     # without it the step peak went 2.19 -> 1.89 GB for 0-4% more time (two alternating full-size runs each).
     # ORT_ENABLE_ALL gave it nothing (8.14 vs 7.67 s, alternating), so it keeps ORT_ENABLE_EXTENDED and no cache.
     int8_unet = component == "unet" and component_precision(folder, component) == "int8"
+    if (not cpu_only and not overrides and not int8_unet and not no_cache()
+            and gpu_graphs.wants_fusion(device.providers, component)):
+        # CUDA: ONNX Runtime's GPU fusions, made once and cached (gpu_graphs); ONNX Runtime's own graph optimizations
+        # then run on the fused graph at every start, as they ran on the plain graph before. LoRA/TI overrides name
+        # the folder's initializers, which the fusions repack: those sessions keep the plain graph.
+        fused = gpu_graphs.fused_graph(path, component, OptimizedModelCache(optimized_cache_dir(), device.providers))
+        if fused is not None:
+            try:
+                return OrtSession(fused, device, threads, low_memory=low_memory, label=path.parent.name)
+            except SdOnnxError as e:  # a damaged cache entry: the model folder's own graph decides
+                print(f"sd-onnx: warning: {first_line(e, 200)}; running the plain graph", file=sys.stderr)
+                shutil.rmtree(fused.parent, ignore_errors=True)
     cache = (OptimizedModelCache(optimized_cache_dir(), device.providers)
              if cpu_only and not int8_unet and not no_cache() else None)
     return OrtSession(path, device, threads, full_optimization=not int8_unet or not cpu_only,

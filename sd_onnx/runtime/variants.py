@@ -9,7 +9,7 @@ from typing import Callable
 
 from sd_onnx.errors import ModelFolderError, UsageError
 from sd_onnx.home import METADATA, check_folder, read_metadata
-from sd_onnx.runtime.providers import BF16_FLAGS, VNNI_FLAGS, openvino_devices
+from sd_onnx.runtime.providers import BF16_FLAGS, VNNI_FLAGS, auto_gpu, openvino_devices
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 GPU_DEVICES = ("cuda", "rocm", "migraphx", "dml", "openvino:gpu")
@@ -70,13 +70,16 @@ def has_bf16(cpu_flags: list[str]) -> bool:
     return any(flag in cpu_flags for flag in BF16_FLAGS)
 
 
-def auto_preference(device: str, cpu_flags: list[str], ov_devices: list[str] | None = None) -> tuple[str, ...]:
-    """Variants worth using on this hardware, fastest first (fp32 is the fallback and is not listed). On a CPU, by
-    the UNet steps measured (docs/benchmarks.md "#22"): an int8 variant on OpenVINO where the CPU has VNNI beats
-    the bf16 variant (1.93 against 2.32 s on a Zen 5 with both), ONNX Runtime computes a bf16 variant in fp32 (so
-    `--device cpu` takes int8 only), and OpenVINO's bf16 needs BF16 instructions."""
+def auto_preference(device: str, cpu_flags: list[str], ov_devices: list[str] | None = None,
+                    available: list[str] | None = None) -> tuple[str, ...]:
+    """Variants worth using on this hardware, fastest first (fp32 is the fallback and is not listed). `--device auto`
+    is the device it resolves to: a GPU when an ONNX Runtime GPU provider is installed (`available`: the provider
+    list, read from ONNX Runtime when None). On a CPU, by the UNet steps measured (docs/benchmarks.md "#22"): an int8
+    variant on OpenVINO where the CPU has VNNI beats the bf16 variant (1.93 against 2.32 s on a Zen 5 with both),
+    ONNX Runtime computes a bf16 variant in fp32 (so `--device cpu` takes int8 only), and OpenVINO's bf16 needs BF16
+    instructions."""
     device = device.lower()
-    if device in GPU_DEVICES:
+    if device in GPU_DEVICES or device == "auto" and auto_gpu(available):
         return ("fp16",)
     if device == "cpu":
         return ("int8",)
