@@ -145,7 +145,8 @@ VNNI_FLAGS = ("AMX-INT8", "AVX512-VNNI", "AVX-VNNI")
 # UNet step at 512x512 with CFG on a 2-core Zen 5 (AVX512-BF16, AVX512-VNNI, no AMX): docs/benchmarks.md "#22".
 MEASURED = {
     "fp32": "UNet step 2.35 s against 4.3 s with ONNX Runtime fp32 on a 2-core Zen 5",
-    "int8": "UNet step 1.93 s against 2.42 s with ONNX Runtime on a 2-core Zen 5",
+    "int8": "UNet step 1.86 s against 2.42 s with ONNX Runtime on a 2-core Zen 5",
+    "int8-bf16": "UNet step 1.47 s against 1.72 s with fp32 float ops and 2.42 s with ONNX Runtime on a 2-core Zen 5",
 }
 
 
@@ -153,7 +154,8 @@ def cpu_path(precision: str, arithmetic: str, cpu_flags: list[str], ov_devices: 
     """What --device auto runs a folder of `precision` on when no GPU is there, where that is not ONNX Runtime's CPU
     provider: the fastest path measured for this CPU's instructions. None: ONNX Runtime.
     - a bf16 variant: OpenVINO, the runtime that computes in bf16 (ONNX Runtime widens the weights back to fp32);
-    - an int8 variant on a CPU with VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8): OpenVINO's u8s8 kernels;
+    - an int8 variant on a CPU with VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8): OpenVINO's u8s8 kernels, and with
+      BF16 too and `arithmetic="auto"`, its float ops in bf16;
     - an fp32 folder on a CPU with AVX512-BF16 or AMX-BF16, `arithmetic="auto"`: OpenVINO with its bf16
       inference-precision hint (fp32 weights, bf16 arithmetic: a bf16 variant's arithmetic without a quantize step).
     CPUs without BF16 keep fp32 arithmetic (bf16 would be emulated there, slower than fp32)."""
@@ -165,6 +167,11 @@ def cpu_path(precision: str, arithmetic: str, cpu_flags: list[str], ov_devices: 
         return Device("openvino", "openvino", openvino_device="CPU", chosen_by_auto=True,
                       reason="bf16 variant: OpenVINO computes in bf16 on the CPU")
     if precision == "int8" and vnni:
+        if bf16 and arithmetic == "auto":  # its float ops (attention products, norms, the fp32 convolutions) in bf16
+            return Device("openvino", "openvino", openvino_device="CPU", inference_precision="bf16",
+                          chosen_by_auto=True,
+                          reason=f"int8 variant, its float ops in bf16 (OpenVINO, this CPU has {vnni[0]} and "
+                                 f"{bf16[0]}; measured {MEASURED['int8-bf16']}); --precision int8 keeps them fp32")
         return Device("openvino", "openvino", openvino_device="CPU", chosen_by_auto=True,
                       reason=f"int8 variant: OpenVINO's int8 kernels (this CPU has {vnni[0]}; measured "
                              f"{MEASURED['int8']})")

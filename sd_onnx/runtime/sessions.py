@@ -125,27 +125,69 @@ def _external_names(path: Path) -> set[str]:
 
 
 class OpenVinoSession:
+    """An OpenVINO compiled model. `static_shapes`: compiled at the first run for the shapes of its inputs (the model
+    reshaped to them, as optimum-intel and FastSD CPU run it: 6-8 % faster UNet steps measured, docs/benchmarks.md
+    "#22"); the first run with other shapes (a hires pass, another size on a server) compiles the dynamic model
+    once and keeps it, so changing sizes never recompiles twice. With the cache, each compile is done once per
+    machine."""
+
     def __init__(self, path: Path, device: Device, threads: int | None = None, cache_dir: Path | None = None,
-                 precision: str = "f32"):
+                 precision: str = "f32", static_shapes: bool = False):
         import openvino as ov
 
-        core = ov.Core()
+        self._core = ov.Core()
         # f32 unless the folder is a bf16 variant: OpenVINO's own default on BF16 CPUs is bf16, which would make
         # an "fp32" run silently lower precision.
-        config = {"INFERENCE_PRECISION_HINT": precision}
+        self._config = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache_dir)})
+            self._core.set_property({"CACHE_DIR": str(cache_dir)})
+        self._path, self._device = path, device.openvino_device
+        self._static: dict[str, tuple] | None = {} if static_shapes else None  # {} until the first run
+        self._compiled = self._request = self._unshaped = None
+        if not static_shapes:
+            self._compile(str(path))
+        else:  # read now (a broken file fails here, as a dynamic session's would), compiled at the first run
+            self._unshaped = self._read()
+            self.input_types = self._types(self._unshaped.inputs)
+
+    def _read(self):
         try:
-            self._compiled = core.compile_model(str(path), device.openvino_device, config)
+            return self._core.read_model(str(self._path))
         except RuntimeError as e:
-            raise SdOnnxError(f"{path}: OpenVINO cannot compile it for {device.openvino_device} ({first_line(e, 300)})") from None
-        self.input_types = {p.any_name: _ov_type(p.get_element_type()) for p in self._compiled.inputs}
+            raise SdOnnxError(f"{self._path}: OpenVINO cannot read it ({first_line(e, 300)})") from None
+
+    @staticmethod
+    def _types(ports) -> dict[str, str]:
+        # by every name of a port: its any_name may be a tensor it feeds (the timestep's Cast output)
+        return {name: _ov_type(port.get_element_type()) for port in ports for name in port.get_names()}
+
+    def _compile(self, model) -> None:
+        self._compiled = self._request = None  # the static model goes before the dynamic one is made
+        try:
+            self._compiled = self._core.compile_model(model, self._device, self._config)
+        except RuntimeError as e:
+            raise SdOnnxError(f"{self._path}: OpenVINO cannot compile it for {self._device} "
+                              f"({first_line(e, 300)})") from None
+        self.input_types = self._types(self._compiled.inputs)
         self._request = self._compiled.create_infer_request()
 
+    def _fit(self, feeds: dict[str, NDArray]) -> None:
+        shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
+        if self._static == {}:  # the first run: compile for its shapes
+            model, self._unshaped = self._unshaped, None
+            model.reshape({port: list(shapes[(port.get_names() & shapes.keys()).pop()]) for port in model.inputs})
+            self._compile(model)
+            self._static = shapes
+        elif shapes != self._static:  # other shapes: the dynamic model from now on
+            self._compile(str(self._path))
+            self._static = None
+
     def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
+        if self._static is not None:
+            self._fit(feeds)
         result = self._request.infer(cast_feeds(feeds, self.input_types))
         return [np.array(result[out]) for out in self._compiled.outputs]
 
@@ -164,7 +206,7 @@ def open_session(folder: Path, component: str, device: Device, threads: int | No
         bf16 = component_precision(folder, component) == "bf16" or device.inference_precision == "bf16"
         hint = "bf16" if bf16 else "f32"
         return OpenVinoSession(path, device, threads, cache_dir=None if no_cache() else cache_dir() / "openvino",
-                               precision=hint)
+                               precision=hint, static_shapes=component == "unet" and device.openvino_device == "CPU")
     cpu_only = tuple(device.providers) == ("CPUExecutionProvider",)
     # On the CPU, ORT_ENABLE_ALL adds the NCHWc layout rewrites: measured at full size, the VAE decoder runs 14%
     # faster with them (15.4 vs 17.8 s) and the UNet 6-9% per step (interleaved, docs/benchmarks.md), but for the UNet
