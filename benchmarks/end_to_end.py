@@ -41,22 +41,42 @@ CONFIGS = {
     "openvino-plain": (False, "OpenVINO CPU f32, diffusers ONNX pipeline on the plain export", "plain"),
     "ours-ort-cpu": (True, "sd-onnx fp32, ONNX Runtime CPU (--device cpu)", "fp32"),
     "ours-openvino": (True, "sd-onnx fp32, OpenVINO CPU (--device openvino)", "fp32"),
-    "ours-int8-ort": (True, "sd-onnx int8 variant, ONNX Runtime CPU (what auto picks here)", "int8"),
+    "openvino-plain-bf16-static": (False, "OpenVINO CPU bf16 hint, UNet compiled for the request's static shapes "
+                                          "(as optimum-intel's reshape and FastSD CPU run it), diffusers ONNX pipeline "
+                                          "on the plain export", "plain"),
+    "openvino-ir-bf16-static": (False, "the same peer reading OpenVINO IR (.xml/.bin, converted once before the "
+                                       "rounds, as optimum-intel exports and FastSD CPU loads models)", "plain"),
+    "ours-int8-ort": (True, "sd-onnx int8 variant, ONNX Runtime CPU (--device cpu)", "int8"),
+    "ours-auto": (True, "sd-onnx --device auto --precision auto: the variant and path generate picks here", "fp32"),
 }
 
 
 class _OpenVINOModel:
-    """Stands in for diffusers' OnnxRuntimeModel: called with keyword arrays, returns the outputs in order."""
+    """Stands in for diffusers' OnnxRuntimeModel: called with keyword arrays, returns the outputs in order.
+    `static`: compiled at the first call for its input shapes (optimum-intel's reshape before compile)."""
 
-    def __init__(self, core, path: Path):
-        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        self.request = compiled.create_infer_request()
-        self.outputs = compiled.outputs
-        inputs = [SimpleNamespace(name=i.get_any_name(), type="tensor(float)") for i in compiled.inputs]
+    def __init__(self, core, path: Path, hint: str = "f32", static: bool = False):
+        self.core, self.config = core, {"INFERENCE_PRECISION_HINT": hint}
+        self.pending = core.read_model(str(path)) if static else None
+        if not static:
+            self._compile(str(path))
+        ports = self.pending.inputs if static else self.compiled.inputs
+        inputs = [SimpleNamespace(name=i.get_any_name(), type="tensor(float)") for i in ports]
         self.model = SimpleNamespace(get_inputs=lambda: inputs)
 
+    def _compile(self, model) -> None:
+        self.compiled = self.core.compile_model(model, "CPU", self.config)
+        self.request = self.compiled.create_infer_request()
+        self.outputs = self.compiled.outputs
+
     def __call__(self, **feeds):
-        result = self.request.infer({k: np.asarray(v) for k, v in feeds.items()})
+        feeds = {k: np.asarray(v) for k, v in feeds.items()}
+        if self.pending is not None:
+            self.pending.reshape({port: list(feeds[(port.get_names() & feeds.keys()).pop()].shape)
+                                  for port in self.pending.inputs})
+            self._compile(self.pending)
+            self.pending = None
+        result = self.request.infer(feeds)
         return [result[o] for o in self.outputs]
 
 
@@ -74,17 +94,43 @@ def _numpy_euler():
     return NumpyEuler
 
 
-def _diffusers_onnx(folder: Path, openvino: bool):
+def ir_path(workdir: Path, name: str) -> Path:
+    return workdir / "ir" / name / "model.xml"
+
+
+def convert_to_ir(folder: Path, workdir: Path) -> None:
+    """The plain export's three models as OpenVINO IR (fp32 weights, as optimum-intel's export keeps them)."""
+    import openvino as ov
+
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        target = ir_path(workdir, name)
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ov.save_model(ov.Core().read_model(str(folder / name / "model.onnx")), str(target), compress_to_fp16=False)
+
+
+def _diffusers_onnx(folder: Path, openvino: bool, hint: str = "f32", static_unet: bool = False,
+                    ir: Path | None = None):
     import diffusers
 
-    pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(str(folder), provider="CPUExecutionProvider")
-    if openvino:
+    if not openvino:
+        pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(str(folder), provider="CPUExecutionProvider")
+    else:  # the pipeline put together from OpenVINO models directly, as optimum-intel's opens no ONNX Runtime session
+        import os
+
         import openvino as ov
+        from transformers import CLIPTokenizer
 
         core = ov.Core()
-        for name in ("text_encoder", "unet", "vae_decoder"):
-            setattr(pipe, name, None)  # release the ORT session before OpenVINO compiles its own copy
-            setattr(pipe, name, _OpenVINOModel(core, folder / name / "model.onnx"))
+        # optimum-intel keeps compiled models in a cache folder beside the model: the peer gets one too
+        core.set_property({"CACHE_DIR": str(Path(os.environ["SD_ONNX_HOME"]) / "peer-openvino-cache")})
+        models = {name: _OpenVINOModel(core, ir_path(ir, name) if ir is not None else folder / name / "model.onnx",
+                                       hint, static=static_unet and name == "unet")
+                  for name in ("text_encoder", "unet", "vae_decoder")}
+        pipe = diffusers.OnnxStableDiffusionPipeline(
+            vae_encoder=None, tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
+            scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(str(folder / "scheduler")),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **models)
     pipe.scheduler = _numpy_euler().from_config(pipe.scheduler.config, timestep_spacing="linspace")
     pipe.set_progress_bar_config(disable=True)
     return lambda on_step: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
@@ -110,9 +156,22 @@ def _diffusers_torch(checkpoint: Path, workdir: Path):
     return run
 
 
-def _ours(folder: Path, device: str):
+def _auto(folder: Path):
+    """The variant and device `generate --device auto --precision auto` takes for `folder` on this machine."""
+    from sd_onnx.home import check_folder
+    from sd_onnx.runtime.providers import cpu_info, resolve_device
+    from sd_onnx.runtime.variants import choose_variant, precision_of
+
+    variant, why = choose_variant(folder, "auto", "auto", cpu_info()["flags"])
+    device = resolve_device("auto", precision=precision_of(check_folder(variant)), arithmetic="auto")
+    return variant, device, f"{variant.name}, {why}, on {device.name} ({device.reason})"
+
+
+def _ours(folder: Path, device):
     from sd_onnx.runtime.pipeline import GenerateRequest, generate
 
+    if device == "auto":
+        folder, device, _ = _auto(folder)
     request = GenerateRequest(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", seed=SEED)
     return lambda on_step: generate(folder, request, device=device,
                                     progress=lambda label: lambda i, n: on_step()).images[0].image
@@ -124,9 +183,15 @@ def fill_caches(config: str, folder: Path) -> dict:
     from sd_onnx.runtime.sessions import open_session
 
     device = resolve_device("openvino" if config == "ours-openvino" else "cpu")
+    if config == "ours-auto":
+        folder, device, _ = _auto(folder)
     t0 = time.perf_counter()
     for component in ("text_encoder", "unet", "vae_decoder"):
-        open_session(folder, component, device)
+        session = open_session(folder, component, device)
+        if component == "unet" and getattr(session, "_static", None) == {}:  # OpenVINO compiles it at the first step
+            config = json.loads((folder / "unet" / "config.json").read_text())
+            session.run({"sample": np.zeros((2, 4, 64, 64), np.float32), "timestep": np.zeros(2, np.float32),
+                         "encoder_hidden_states": np.zeros((2, 77, config["cross_attention_dim"]), np.float32)})
     return {"first_start_s": time.perf_counter() - t0}
 
 
@@ -139,8 +204,11 @@ def child(config: str, checkpoint: Path, folder: Path | None, workdir: Path) -> 
         run = _diffusers_torch(checkpoint, workdir)
     elif config in ("ort-plain", "openvino-plain"):
         run = _diffusers_onnx(folder, openvino=config == "openvino-plain")
+    elif config in ("openvino-plain-bf16-static", "openvino-ir-bf16-static"):
+        run = _diffusers_onnx(folder, openvino=True, hint="bf16", static_unet=True,
+                              ir=workdir if config.startswith("openvino-ir") else None)
     else:
-        run = _ours(folder, "openvino" if config == "ours-openvino" else "cpu")
+        run = _ours(folder, {"ours-openvino": "openvino", "ours-auto": "auto"}.get(config, "cpu"))
     built = time.perf_counter() - t0
     image = run(lambda: steps.append(time.perf_counter() - t0))
     total = time.perf_counter() - t0
@@ -179,6 +247,8 @@ def main() -> None:
     command = lambda child: [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--model",  # noqa: E731
                              str(args.model), "--plain-model", str(args.plain_model), "--workdir", str(args.workdir),
                              "--child", child]
+    if "openvino-ir-bf16-static" in names:
+        convert_to_ir(args.plain_model, args.workdir)
     first_start = {}
     for name in names:
         if CONFIGS[name][0]:
@@ -193,6 +263,8 @@ def main() -> None:
                 continue
             runs[name].append(result)
             print(f"  round {round_no + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+    if "ours-auto" in names:
+        print(f"ours-auto: {_auto(args.model)[2]}")
     medians = {n: statistics.median(r["total_s"] for r in rs) for n, rs in runs.items() if rs}
     best_peer = min((m for n, m in medians.items() if not CONFIGS[n][0]), default=float("nan"))
     print(f"| configuration ({STEPS} steps, 512x512) | image s (median) | vs fastest peer | build s | first step "

@@ -36,14 +36,18 @@ CONFIGS = {
     "ort-plain": (False, "ONNX Runtime CPU, plain torch.onnx export (no fusions), defaults", "fp32"),
     "openvino-fp32": (False, "OpenVINO CPU on the plain export, f32 hint", "fp32"),
     "openvino-bf16-hint": (False, "OpenVINO CPU on the plain export, bf16 inference precision hint", "bf16"),
+    "openvino-bf16-static": (False, "OpenVINO CPU on the plain export, bf16 hint, reshaped to the request's static "
+                                    "shapes (as optimum-intel and FastSD CPU run it)", "bf16"),
     "ours-ort-cpu": (True, "sd-onnx fp32: ONNX Runtime CPU (what --device cpu runs)", "fp32"),
     "ours-ort-extended": (True, "sd-onnx fp32 as before the graph cache: ORT_ENABLE_EXTENDED, no NCHWc", "fp32"),
     "ours-openvino": (True, "sd-onnx fp32: OpenVINO CPU (what --device openvino runs)", "fp32"),
-    "ours-openvino-bf16-hint": (True, "sd-onnx fp32 folder: OpenVINO CPU, bf16 hint (what auto picks on BF16 CPUs, #22)",
-                                "bf16"),
-    "ours-int8-ort": (True, "sd-onnx int8 variant: ONNX Runtime CPU (what auto picks)", "int8"),
+    "ours-openvino-bf16-hint": (True, "sd-onnx fp32 folder: OpenVINO CPU, bf16 hint (auto's pick on BF16 CPUs without "
+                                      "an int8 variant, #22)", "bf16"),
+    "ours-int8-ort": (True, "sd-onnx int8 variant: ONNX Runtime CPU (--device cpu; auto before #22)", "int8"),
     "ours-int8-openvino": (True, "sd-onnx int8 variant: OpenVINO CPU", "int8"),
-    "ours-bf16-openvino": (True, "sd-onnx bf16 variant: OpenVINO CPU, bf16 hint (what auto picks)", "bf16"),
+    "ours-int8-openvino-bf16-hint": (True, "sd-onnx int8 variant: OpenVINO CPU, bf16 hint for its float ops", "int8"),
+    "ours-bf16-openvino": (True, "sd-onnx bf16 variant: OpenVINO CPU, bf16 hint", "bf16"),
+    "ours-auto": (True, "sd-onnx --device auto --precision auto: the variant and path generate picks here", "int8"),
 }
 
 
@@ -113,8 +117,13 @@ def make_runner(name: str, checkpoint: Path, folder: Path):
     if name.startswith("openvino-"):
         import openvino as ov
 
-        hint = "bf16" if name.endswith("bf16-hint") else "f32"
-        request = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+        hint = "bf16" if "bf16" in name else "f32"
+        core = ov.Core()
+        model = core.read_model(str(path))
+        if name.endswith("static"):
+            # a port's any_name may be a tensor it feeds (the timestep's Cast output): match on all its names
+            model.reshape({port: list(feeds[(port.get_names() & feeds.keys()).pop()].shape) for port in model.inputs})
+        request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint}).create_infer_request()
         return lambda: request.infer(feeds)
     from sd_onnx.runtime.providers import resolve_device
     from sd_onnx.runtime.sessions import OrtSession, open_session
@@ -122,13 +131,29 @@ def make_runner(name: str, checkpoint: Path, folder: Path):
     if name == "ours-ort-extended":
         session = OrtSession(path, resolve_device("cpu"), full_optimization=False)
         return lambda: session.run(feeds)
-    if name == "ours-openvino-bf16-hint":
+    if name in ("ours-openvino-bf16-hint", "ours-int8-openvino-bf16-hint"):
         from dataclasses import replace
 
         session = open_session(folder, "unet", replace(resolve_device("openvino"), inference_precision="bf16"))
         return lambda: session.run(feeds)
+    if name == "ours-auto":  # as `generate` does it: the variant, then the device for its precision
+        variant, device, _ = auto_choice(folder)
+        session = open_session(variant, "unet", device)
+        return lambda: session.run(feeds)
     session = open_session(folder, "unet", resolve_device("openvino" if "openvino" in name else "cpu"))
     return lambda: session.run(feeds)
+
+
+def auto_choice(folder: Path):
+    """The variant and device `generate --device auto --precision auto` takes for `folder` here, and a line saying
+    which."""
+    from sd_onnx.home import check_folder
+    from sd_onnx.runtime.providers import cpu_info, resolve_device
+    from sd_onnx.runtime.variants import choose_variant, precision_of
+
+    variant, why = choose_variant(folder, "auto", "auto", cpu_info()["flags"])
+    device = resolve_device("auto", precision=precision_of(check_folder(variant)), arithmetic="auto")
+    return variant, device, f"{variant.name}, {why}, on {device.name} ({device.reason})"
 
 
 def child(name: str, checkpoint: Path, folder: Path, warmup: int, repeats: int) -> dict:
@@ -229,6 +254,8 @@ def main() -> None:
           "\"of matmul peak\" use the full count, the next column the issue's")
     sizes = {p: round(component_sizes(f, ["unet"])["unet"], 1) for p, f in paths.items()
              if f is not None and (f / "unet").is_dir()}
+    if "ours-auto" in names:
+        print(f"ours-auto: {auto_choice(args.model)[2]}")
     print("UNet size MB: " + ", ".join(f"{p} {s}" for p, s in sizes.items()))
     medians = {n: statistics.median(t for r in rs for t in r["times"]) for n, rs in runs.items() if rs}
     peers = [m for n, m in medians.items() if not CONFIGS[n][0]]
