@@ -390,14 +390,36 @@ def _run_local(units: list[Unit], folder: Path, device: str, n: int, threads: in
             conn.close()
 
 
+def source_fingerprint() -> str:
+    """A hash of this sd_onnx package's Python sources: a Ray actor must run the driver's code, not another copy that
+    its node happens to import (an editable install of another checkout, an older release)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 class RayGenerator(Generator):
     """The Ray actor: Ray Data's pattern (model loaded in __init__, run in __call__), on core actors so each result
     streams to the driver as soon as it is made."""
 
+    def __init__(self, folder: str, device: str, threads: int | None):
+        if not Path(folder).is_dir():  # on another machine: the folder is read in place, not shipped
+            raise SdOnnxError(f"model folder {folder} does not exist on Ray node {self.where()}: every node needs "
+                              "the model at the same path (shared storage)")
+        super().__init__(folder, device, threads)
+
     def where(self) -> str:
+        """host:node:pid, the node being Ray's (its id's first 8 digits): several nodes may share a host."""
         import socket
 
-        return f"{socket.gethostname()}:{os.getpid()}"
+        import ray
+
+        return f"{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+
+    def ready(self) -> str:
+        return source_fingerprint()
 
     def __call__(self, request: GenerateRequest) -> tuple[list[dict], str]:
         return super().__call__(request), self.where()
@@ -413,19 +435,42 @@ def _run_ray(units: list[Unit], folder: Path, device: str, workers: int | str, a
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": _cores()}))
+        # The actors import the driver's sd_onnx, shipped through Ray (uploaded once, cached by content), not whatever
+        # the nodes have: a cluster's Python sees neither the driver's PYTHONPATH nor, on other machines, its files.
+        # Ray uploads local py_modules for a job only, not per actor.
+        package = str(Path(__file__).resolve().parent)
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"py_modules": [package], "excludes": ["__pycache__"]},
+                     **({} if address else {"num_cpus": _cores()}))
+        except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, or its auth token is not ours
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            chain, cause = str(e), e.__cause__
+            while cause is not None:
+                chain, cause = chain + "\n" + str(cause), cause.__cause__
+            hint = (": it uses token authentication and refused this driver's token (set RAY_AUTH_TOKEN or "
+                    "~/.ray/auth_token to the cluster's)") if "auth" in chain.lower() else ""
+            raise SdOnnxError(f"cannot connect to {where}: {str(e).strip().splitlines()[0]}{hint}") from None
         started = True
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n = _auto_workers(cpus) if workers == "auto" else min(int(workers), cpus)
     share = max(1, cpus // n)
     # a killed actor comes back (model loaded again) and its calls are re-run; the driver drops a repeat result
-    actor_cls = ray.remote(num_cpus=share, max_restarts=MAX_ATTEMPTS, max_task_retries=MAX_ATTEMPTS)(RayGenerator)
+    # SPREAD: one actor per node before two on any, so each node's cores and memory bandwidth are used
+    actor_cls = ray.remote(num_cpus=share, max_restarts=MAX_ATTEMPTS, max_task_retries=MAX_ATTEMPTS,
+                           scheduling_strategy="SPREAD")(RayGenerator)
     actors = [actor_cls.remote(str(folder), device, share) for _ in range(n)]
     pending = deque(range(len(units)))
     inflight: dict = {}  # object ref -> (unit index, actor index)
     load = [0] * n
     try:
+        try:
+            found = ray.get([actor.ready.remote() for actor in actors])
+        except RayActorError as e:  # its __init__ raised: the error's own line, not Ray's traceback
+            raise SdOnnxError(f"a Ray actor did not start: {_cause(e)}") from None
+        if set(found) != {source_fingerprint()}:
+            raise SdOnnxError("the Ray actors import another sd_onnx than this driver's: ray.init(runtime_env="
+                              "{'py_modules': [<this sd_onnx folder>]}) before run_batch, or let it call ray.init")
         def feed(a: int) -> None:
             while pending and load[a] < PREFETCH:
                 index = pending.popleft()
@@ -452,6 +497,15 @@ def _run_ray(units: list[Unit], folder: Path, device: str, workers: int | str, a
             ray.kill(actor)
         if started:
             ray.shutdown()
+
+
+def _cause(error: Exception) -> str:
+    """The last line of the exception a Ray error carries (its text ends with the remote traceback's last line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error:" in line or "Exception:" in line:
+            return line
+    return lines[-1] if lines else type(error).__name__
 
 
 def _cores() -> int:
@@ -511,7 +565,8 @@ def run_batch(job: Path, outdir: Path, model: str | Path | None = None, device: 
                 say(f"{len(todo)} batch(es) to run on {n} worker process(es), {threads} thread(s) each")
                 results = _run_local(todo, folder, device, n, threads, summary)
             else:
-                results = _run_ray(todo, folder, device, workers, ray_address or None, summary)
+                # absolute: an actor's working directory is not the driver's
+                results = _run_ray(todo, folder.resolve(), device, workers, ray_address or None, summary)
             for unit, images, worker in results:
                 for key, item in zip(unit.keys, images):
                     if key in manifest.done:  # a retried unit's image that a dead worker's run already delivered
