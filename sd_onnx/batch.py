@@ -9,10 +9,10 @@ what is missing: a killed driver, worker or actor loses at most the images in fl
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,32 +22,14 @@ from typing import Callable, Iterator
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sd_onnx.errors import SdOnnxError, UsageError
+from sd_onnx.batch_jobs import Unit, read_job
+from sd_onnx.errors import SdOnnxError
 from sd_onnx.runtime.requests import GenerateRequest
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".batch.lock"
 MAX_ATTEMPTS = 3  # a unit whose worker dies this many times is a failure, not bad luck
 PREFETCH = 2  # units queued per worker, so one is ready when the driver is busy writing the last
-# A1111's API default noise source is its GPU one (options["randn_source"] = "GPU"), as `serve` uses
-RANDN_SOURCE = "gpu"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One batch of one line: what a worker runs (batch_count 1, the batch's first seed)."""
-
-    line: int
-    request_id: str
-    request: GenerateRequest
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.request.seed + j for j in range(self.request.batch_size)]
-
-    @property
-    def keys(self) -> list[str]:
-        return [item_key(self.request_id, s) for s in self.seeds]
 
 
 @dataclass
@@ -60,94 +42,6 @@ class Summary:
     retried: int = 0
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
-
-
-def item_key(request_id: str, seed: int) -> str:
-    return f"{request_id}-{seed}"
-
-
-def _request_id(request: GenerateRequest) -> str:
-    text = json.dumps(dataclasses.asdict(request), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------------- job input
-
-def parse_seeds(text: str) -> tuple[int, int]:
-    first, sep, last = text.partition("-")
-    try:
-        a, b = int(first), int(last if sep else first)
-    except ValueError:
-        raise UsageError(f"--seeds expects A-B (whole numbers), got {text!r}") from None
-    if a < 0 or b < a:
-        raise UsageError(f"--seeds A-B needs 0 <= A <= B, got {text!r}")
-    return a, b
-
-
-def read_job(path: Path, seeds: tuple[int, int] | None = None, params: dict | None = None) -> list[Unit]:
-    """The units of a job file, every line checked before anything runs; a bad line is one error naming it.
-
-    JSONL: one A1111 txt2img payload per line. With `seeds`: a prompt file, one prompt per line, expanded to one
-    request per seed. `params`: fields every line starts from (a line's own fields win)."""
-    try:
-        from sd_onnx.server import schemas
-        from sd_onnx.server.errors import ApiError
-    except ImportError as e:
-        raise SdOnnxError(f"batch reads A1111 payloads with the server's models ({e.name} is missing): "
-                          "pip install 'sd-onnx[server]'") from None
-    from pydantic import ValidationError
-
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"job file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read job file {path}: {e}") from None
-    known = set(schemas.Txt2ImgBody.model_fields)
-    units: list[Unit] = []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        if seeds is not None:
-            payloads = [{**(params or {}), "prompt": text.strip(), "seed": s} for s in range(seeds[0], seeds[1] + 1)]
-        else:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UsageError(f"{where}: expected a JSON object (an A1111 txt2img payload), got "
-                                 f"{type(obj).__name__}")
-            payloads = [{**(params or {}), **obj}]
-        for payload in payloads:
-            unknown = sorted(set(payload) - known)
-            if unknown:
-                raise UsageError(f"{where}: unknown field '{unknown[0]}' (not an A1111 txt2img field)")
-            try:
-                body = schemas.Txt2ImgBody.model_validate(payload)
-                request, _ = schemas.to_request(body, GenerateRequest, RANDN_SOURCE)
-            except ValidationError as e:
-                err = e.errors()[0]
-                name = ".".join(str(p) for p in err["loc"])
-                raise UsageError(f"{where}: field '{name}': {err['msg']} (got {err.get('input')!r})") from None
-            except ApiError as e:
-                raise UsageError(f"{where}: {e.detail}") from None
-            units.extend(_units(number, request))
-    if not units:
-        raise UsageError(f"{path}: no requests in the job file")
-    return units
-
-
-def _units(line: int, request: GenerateRequest) -> list[Unit]:
-    if request.seed == -1:
-        # A1111 draws a random seed; a batch must make the same images when it resumes, so the seed comes from the
-        # request itself (same line, same seed), as A1111's random draw would have fixed it in the infotext.
-        request = dataclasses.replace(request, seed=int(_request_id(request), 16) % 2**32)
-    rid = _request_id(request)
-    bs = request.batch_size
-    return [Unit(line, rid, dataclasses.replace(request, seed=request.seed + b * bs, batch_count=1))
-            for b in range(request.batch_count)]
 
 
 # ------------------------------------------------------------------------------------------------- output and manifest
@@ -504,7 +398,7 @@ def _cause(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in reversed(lines):
         if "Error:" in line or "Exception:" in line:
-            return line
+            return re.sub(r"^sd_onnx\.[\w.]+: ", "", line)  # our own errors speak for themselves
     return lines[-1] if lines else type(error).__name__
 
 
