@@ -1,5 +1,9 @@
-"""`sd-onnx batch --ray ADDRESS` on a real local Ray cluster (a head and a second node started with `ray start`, on
-127.0.0.1 only): 12 images equal to `generate`'s, through a killed worker process and a killed driver."""
+"""`sd-onnx batch --ray ADDRESS` on a real local Ray cluster (a head and a second node started with `ray start` on
+this machine): 12 images equal to `generate`'s, through a killed worker process and a killed driver.
+
+Every address given is 127.0.0.1, but Ray 2.60 turns a loopback address into the machine's own (services.
+resolve_ip_for_localhost) and its gRPC servers listen on all interfaces; the traffic stays on this machine, and the
+cluster takes no driver without its own random token."""
 
 from __future__ import annotations
 
