@@ -298,3 +298,17 @@ def test_img2img_line_equals_img2img(model, tmp_path):
     assert "Denoising strength: 0.6" in Image.open(out / records[1]["file"]).info["parameters"]
     again = run_batch(job, out, str(model), workers=1)
     assert (again.generated, again.skipped) == (0, 3)
+
+
+def test_ray_error_cause_is_the_remote_error_line():
+    """A Ray error's text ends with the remote traceback; the driver's line is its last error line, without the class
+    name when the error is sd-onnx's own (which is worded for the user), with it otherwise."""
+    from sd_onnx.batch import _cause
+
+    ours = RuntimeError("The actor died because of an error raised in its creation task, ...\nTraceback (most recent "
+                        "call last):\n  File \"x.py\", line 1\nsd_onnx.errors.SdOnnxError: model folder /m does not "
+                        "exist on Ray node h:ab12cd34:77: every node needs the model at the same path\n")
+    assert _cause(ours) == ("model folder /m does not exist on Ray node h:ab12cd34:77: every node needs the model at "
+                            "the same path")
+    theirs = RuntimeError("ray::RayGenerator.__init__()\nTraceback ...\nAttributeError: 'X' has no attribute 'y'")
+    assert _cause(theirs) == "AttributeError: 'X' has no attribute 'y'"
