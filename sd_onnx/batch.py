@@ -346,9 +346,10 @@ def _run_ray(units: list[Unit], folder: Path, device: str, workers: int | str, a
                     "~/.ray/auth_token to the cluster's)") if "auth" in chain.lower() else ""
             raise SdOnnxError(f"cannot connect to {where}: {str(e).strip().splitlines()[0]}{hint}") from None
         started = True
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n = _auto_workers(cpus) if workers == "auto" else min(int(workers), cpus)
-    share = max(1, cpus // n)
+    nodes = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    nodes = [c for c in nodes if c > 0] or [1]
+    n = sum(_auto_workers(c) for c in nodes) if workers == "auto" else min(int(workers), sum(nodes))
+    share = _ray_share(nodes, n)
     # a killed actor comes back (model loaded again) and its calls are re-run; the driver drops a repeat result
     # SPREAD: one actor per node before two on any, so each node's cores and memory bandwidth are used
     actor_cls = ray.remote(num_cpus=share, max_restarts=MAX_ATTEMPTS, max_task_retries=MAX_ATTEMPTS,
@@ -400,6 +401,16 @@ def _cause(error: Exception) -> str:
         if "Error:" in line or "Exception:" in line:
             return re.sub(r"^sd_onnx\.[\w.]+: ", "", line)  # our own errors speak for themselves
     return lines[-1] if lines else type(error).__name__
+
+
+def _ray_share(nodes: list[int], n: int) -> int:
+    """The most CPUs each of `n` actors can have so that all of them fit on nodes with these CPU counts: a share
+    taken from the whole cluster's count (3 CPUs on nodes of 2 and 1 for one actor) fits on no node, and the job would
+    wait for it forever."""
+    for share in range(max(nodes), 1, -1):
+        if sum(c // share for c in nodes) >= n:
+            return share
+    return 1
 
 
 def _cores() -> int:

@@ -312,3 +312,19 @@ def test_ray_error_cause_is_the_remote_error_line():
                             "the same path")
     theirs = RuntimeError("ray::RayGenerator.__init__()\nTraceback ...\nAttributeError: 'X' has no attribute 'y'")
     assert _cause(theirs) == "AttributeError: 'X' has no attribute 'y'"
+
+
+@pytest.mark.parametrize("nodes,n,share", [
+    ([2, 1], 1, 2),  # not 3: no node has 3 CPUs
+    ([2, 1], 2, 1),
+    ([3, 1], 2, 1),  # 2 CPUs each would fit one actor only
+    ([4, 4, 1], 2, 4),
+    ([4, 4, 1], 3, 2),
+    ([16], 4, 4),
+    ([1], 1, 1),
+])
+def test_ray_actor_share_fits_on_the_nodes(nodes, n, share):
+    from sd_onnx.batch import _ray_share
+
+    assert _ray_share(nodes, n) == share
+    assert sum(c // share for c in nodes) >= n

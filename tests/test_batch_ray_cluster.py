@@ -204,6 +204,29 @@ def test_cluster_batch_equals_generate(cluster, model, generated, tmp_path):
     assert _manifest(out) == records
 
 
+def test_cluster_workers_auto_fits_the_nodes(cluster, model, generated, tmp_path):
+    """`--workers auto` (the default) on nodes of 2 and 1 CPUs finishes, images equal to `generate`'s: its actors ask
+    for shares that fit the nodes (one actor asking for the cluster's 3 CPUs fits on no node and waits forever).
+    Two prompts, one seed."""
+    job = tmp_path / "prompts.txt"
+    job.write_text("".join(p + "\n" for p in PROMPTS[:2]))
+    out = tmp_path / "out"
+    argv = _batch(cluster, model, job, out)
+    argv[argv.index("--seeds") + 1] = f"{SEEDS[0]}-{SEEDS[0]}"
+    argv[argv.index("--workers") + 1] = "auto"
+    proc = _run(cluster, argv, model, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    records = _manifest(out)
+    assert sorted((r["line"], r["seed"]) for r in records) == [(1, SEEDS[0]), (2, SEEDS[0])]
+    for r in records:
+        assert (out / r["file"]).read_bytes() == generated[(PROMPTS[r["line"] - 1], r["seed"])], r
+
+
 def test_cluster_killed_worker_process(cluster, model, generated, tmp_path):
     """SIGKILL the worker process (a Ray actor on one of the raylets) that made the first image while the job has work
     left: Ray restarts the actor, its calls are re-run, and the job ends with all 12 images, none twice."""
