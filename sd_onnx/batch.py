@@ -9,10 +9,10 @@ what is missing: a killed driver, worker or actor loses at most the images in fl
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,32 +22,14 @@ from typing import Callable, Iterator
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sd_onnx.errors import SdOnnxError, UsageError
+from sd_onnx.batch_jobs import Unit, read_job
+from sd_onnx.errors import SdOnnxError
 from sd_onnx.runtime.requests import GenerateRequest
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".batch.lock"
 MAX_ATTEMPTS = 3  # a unit whose worker dies this many times is a failure, not bad luck
 PREFETCH = 2  # units queued per worker, so one is ready when the driver is busy writing the last
-# A1111's API default noise source is its GPU one (options["randn_source"] = "GPU"), as `serve` uses
-RANDN_SOURCE = "gpu"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One batch of one line: what a worker runs (batch_count 1, the batch's first seed)."""
-
-    line: int
-    request_id: str
-    request: GenerateRequest
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.request.seed + j for j in range(self.request.batch_size)]
-
-    @property
-    def keys(self) -> list[str]:
-        return [item_key(self.request_id, s) for s in self.seeds]
 
 
 @dataclass
@@ -60,94 +42,6 @@ class Summary:
     retried: int = 0
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
-
-
-def item_key(request_id: str, seed: int) -> str:
-    return f"{request_id}-{seed}"
-
-
-def _request_id(request: GenerateRequest) -> str:
-    text = json.dumps(dataclasses.asdict(request), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------------- job input
-
-def parse_seeds(text: str) -> tuple[int, int]:
-    first, sep, last = text.partition("-")
-    try:
-        a, b = int(first), int(last if sep else first)
-    except ValueError:
-        raise UsageError(f"--seeds expects A-B (whole numbers), got {text!r}") from None
-    if a < 0 or b < a:
-        raise UsageError(f"--seeds A-B needs 0 <= A <= B, got {text!r}")
-    return a, b
-
-
-def read_job(path: Path, seeds: tuple[int, int] | None = None, params: dict | None = None) -> list[Unit]:
-    """The units of a job file, every line checked before anything runs; a bad line is one error naming it.
-
-    JSONL: one A1111 txt2img payload per line. With `seeds`: a prompt file, one prompt per line, expanded to one
-    request per seed. `params`: fields every line starts from (a line's own fields win)."""
-    try:
-        from sd_onnx.server import schemas
-        from sd_onnx.server.errors import ApiError
-    except ImportError as e:
-        raise SdOnnxError(f"batch reads A1111 payloads with the server's models ({e.name} is missing): "
-                          "pip install 'sd-onnx[server]'") from None
-    from pydantic import ValidationError
-
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"job file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read job file {path}: {e}") from None
-    known = set(schemas.Txt2ImgBody.model_fields)
-    units: list[Unit] = []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        if seeds is not None:
-            payloads = [{**(params or {}), "prompt": text.strip(), "seed": s} for s in range(seeds[0], seeds[1] + 1)]
-        else:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise UsageError(f"{where}: expected a JSON object (an A1111 txt2img payload), got "
-                                 f"{type(obj).__name__}")
-            payloads = [{**(params or {}), **obj}]
-        for payload in payloads:
-            unknown = sorted(set(payload) - known)
-            if unknown:
-                raise UsageError(f"{where}: unknown field '{unknown[0]}' (not an A1111 txt2img field)")
-            try:
-                body = schemas.Txt2ImgBody.model_validate(payload)
-                request, _ = schemas.to_request(body, GenerateRequest, RANDN_SOURCE)
-            except ValidationError as e:
-                err = e.errors()[0]
-                name = ".".join(str(p) for p in err["loc"])
-                raise UsageError(f"{where}: field '{name}': {err['msg']} (got {err.get('input')!r})") from None
-            except ApiError as e:
-                raise UsageError(f"{where}: {e.detail}") from None
-            units.extend(_units(number, request))
-    if not units:
-        raise UsageError(f"{path}: no requests in the job file")
-    return units
-
-
-def _units(line: int, request: GenerateRequest) -> list[Unit]:
-    if request.seed == -1:
-        # A1111 draws a random seed; a batch must make the same images when it resumes, so the seed comes from the
-        # request itself (same line, same seed), as A1111's random draw would have fixed it in the infotext.
-        request = dataclasses.replace(request, seed=int(_request_id(request), 16) % 2**32)
-    rid = _request_id(request)
-    bs = request.batch_size
-    return [Unit(line, rid, dataclasses.replace(request, seed=request.seed + b * bs, batch_count=1))
-            for b in range(request.batch_count)]
 
 
 # ------------------------------------------------------------------------------------------------- output and manifest
@@ -390,14 +284,36 @@ def _run_local(units: list[Unit], folder: Path, device: str, n: int, threads: in
             conn.close()
 
 
+def source_fingerprint() -> str:
+    """A hash of this sd_onnx package's Python sources: a Ray actor must run the driver's code, not another copy that
+    its node happens to import (an editable install of another checkout, an older release)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 class RayGenerator(Generator):
     """The Ray actor: Ray Data's pattern (model loaded in __init__, run in __call__), on core actors so each result
     streams to the driver as soon as it is made."""
 
+    def __init__(self, folder: str, device: str, threads: int | None):
+        if not Path(folder).is_dir():  # on another machine: the folder is read in place, not shipped
+            raise SdOnnxError(f"model folder {folder} does not exist on Ray node {self.where()}: every node needs "
+                              "the model at the same path (shared storage)")
+        super().__init__(folder, device, threads)
+
     def where(self) -> str:
+        """host:node:pid, the node being Ray's (its id's first 8 digits): several nodes may share a host."""
         import socket
 
-        return f"{socket.gethostname()}:{os.getpid()}"
+        import ray
+
+        return f"{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
+
+    def ready(self) -> str:
+        return source_fingerprint()
 
     def __call__(self, request: GenerateRequest) -> tuple[list[dict], str]:
         return super().__call__(request), self.where()
@@ -413,19 +329,43 @@ def _run_ray(units: list[Unit], folder: Path, device: str, workers: int | str, a
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": _cores()}))
+        # The actors import the driver's sd_onnx, shipped through Ray (uploaded once, cached by content), not whatever
+        # the nodes have: a cluster's Python sees neither the driver's PYTHONPATH nor, on other machines, its files.
+        # Ray uploads local py_modules for a job only, not per actor.
+        package = str(Path(__file__).resolve().parent)
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"py_modules": [package], "excludes": ["__pycache__"]},
+                     **({} if address else {"num_cpus": _cores()}))
+        except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, or its auth token is not ours
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            chain, cause = str(e), e.__cause__
+            while cause is not None:
+                chain, cause = chain + "\n" + str(cause), cause.__cause__
+            hint = (": it uses token authentication and refused this driver's token (set RAY_AUTH_TOKEN or "
+                    "~/.ray/auth_token to the cluster's)") if "auth" in chain.lower() else ""
+            raise SdOnnxError(f"cannot connect to {where}: {str(e).strip().splitlines()[0]}{hint}") from None
         started = True
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n = _auto_workers(cpus) if workers == "auto" else min(int(workers), cpus)
-    share = max(1, cpus // n)
+    nodes = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    nodes = [c for c in nodes if c > 0] or [1]
+    n = sum(_auto_workers(c) for c in nodes) if workers == "auto" else min(int(workers), sum(nodes))
+    share = _ray_share(nodes, n)
     # a killed actor comes back (model loaded again) and its calls are re-run; the driver drops a repeat result
-    actor_cls = ray.remote(num_cpus=share, max_restarts=MAX_ATTEMPTS, max_task_retries=MAX_ATTEMPTS)(RayGenerator)
+    # SPREAD: one actor per node before two on any, so each node's cores and memory bandwidth are used
+    actor_cls = ray.remote(num_cpus=share, max_restarts=MAX_ATTEMPTS, max_task_retries=MAX_ATTEMPTS,
+                           scheduling_strategy="SPREAD")(RayGenerator)
     actors = [actor_cls.remote(str(folder), device, share) for _ in range(n)]
     pending = deque(range(len(units)))
     inflight: dict = {}  # object ref -> (unit index, actor index)
     load = [0] * n
     try:
+        try:
+            found = ray.get([actor.ready.remote() for actor in actors])
+        except RayActorError as e:  # its __init__ raised: the error's own line, not Ray's traceback
+            raise SdOnnxError(f"a Ray actor did not start: {_cause(e)}") from None
+        if set(found) != {source_fingerprint()}:
+            raise SdOnnxError("the Ray actors import another sd_onnx than this driver's: ray.init(runtime_env="
+                              "{'py_modules': [<this sd_onnx folder>]}) before run_batch, or let it call ray.init")
         def feed(a: int) -> None:
             while pending and load[a] < PREFETCH:
                 index = pending.popleft()
@@ -452,6 +392,25 @@ def _run_ray(units: list[Unit], folder: Path, device: str, workers: int | str, a
             ray.kill(actor)
         if started:
             ray.shutdown()
+
+
+def _cause(error: Exception) -> str:
+    """The last line of the exception a Ray error carries (its text ends with the remote traceback's last line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error:" in line or "Exception:" in line:
+            return re.sub(r"^sd_onnx\.[\w.]+: ", "", line)  # our own errors speak for themselves
+    return lines[-1] if lines else type(error).__name__
+
+
+def _ray_share(nodes: list[int], n: int) -> int:
+    """The most CPUs each of `n` actors can have so that all of them fit on nodes with these CPU counts: a share
+    taken from the whole cluster's count (3 CPUs on nodes of 2 and 1 for one actor) fits on no node, and the job would
+    wait for it forever."""
+    for share in range(max(nodes), 1, -1):
+        if sum(c // share for c in nodes) >= n:
+            return share
+    return 1
 
 
 def _cores() -> int:
@@ -511,7 +470,8 @@ def run_batch(job: Path, outdir: Path, model: str | Path | None = None, device: 
                 say(f"{len(todo)} batch(es) to run on {n} worker process(es), {threads} thread(s) each")
                 results = _run_local(todo, folder, device, n, threads, summary)
             else:
-                results = _run_ray(todo, folder, device, workers, ray_address or None, summary)
+                # absolute: an actor's working directory is not the driver's
+                results = _run_ray(todo, folder.resolve(), device, workers, ray_address or None, summary)
             for unit, images, worker in results:
                 for key, item in zip(unit.keys, images):
                     if key in manifest.done:  # a retried unit's image that a dead worker's run already delivered

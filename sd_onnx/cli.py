@@ -270,7 +270,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     import json
 
-    from sd_onnx.batch import parse_seeds, run_batch
+    from sd_onnx.batch import run_batch
+    from sd_onnx.batch_jobs import parse_seeds
 
     workers = args.workers
     if workers != "auto":

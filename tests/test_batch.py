@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sd_onnx.batch import MANIFEST, run_batch
 from sd_onnx.cli import main
@@ -24,6 +27,16 @@ JOB = [
     {"prompt": "a green cone", "seed": 30, "steps": 2, "width": 64, "height": 64, "n_iter": 3,
      "sampler_name": "Euler"},
 ]
+
+
+
+def _tiny_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+TINY_PNG = _tiny_png()  # a valid init image, for lines whose mistake is elsewhere
 
 
 def write_job(path: Path, lines: list) -> Path:
@@ -187,6 +200,13 @@ def test_killed_worker_process_is_replaced(model, tmp_path):
     (["{\"prompt\": \"x\", \"stepz\": 3}"], "jobs.jsonl:1: unknown field 'stepz'"),
     (["[1, 2]"], "jobs.jsonl:1: expected a JSON object"),
     (["{\"prompt\": \"x\", \"width\": 65}"], "jobs.jsonl:1: width must be a multiple of 8"),
+    (["{\"prompt\": \"x\", \"init_images\": [\"%%not base64%%\"]}"], "jobs.jsonl:1: init_images[0]: Invalid encoded image"),
+    (["{\"prompt\": \"x\", \"init_images\": [\"aGVsbG8=\"]}"], "jobs.jsonl:1: init_images[0]:"),
+    (["{\"prompt\": \"x\", \"init_images\": []}"], "jobs.jsonl:1: init_images: img2img needs one"),
+    ([json.dumps({"prompt": "x", "init_images": [TINY_PNG], "stepz": 3})],
+     "jobs.jsonl:1: unknown field 'stepz' (not an A1111 img2img field)"),
+    ([json.dumps({"prompt": "x", "init_images": [TINY_PNG], "enable_hr": True})],
+     "jobs.jsonl:1: hires fix is a txt2img option"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(model, tmp_path, capsys, lines, message):
     job = write_job(tmp_path / "jobs.jsonl", lines)
@@ -242,3 +262,69 @@ def test_ray_batch_equals_generate_and_retries_a_killed_actor(model, generated, 
     assert killed and all(r["worker"].startswith("ray-") for r in records)
     first = records[0]["worker"].split(":")[0]  # ray-N: the killed actor's index; Ray restarted it and re-ran its calls
     assert any(r["worker"].startswith(first + ":") and not r["worker"].endswith(f":{killed[0]}") for r in records)
+
+
+def _picture(path: Path, flip: bool = False) -> str:
+    """A 64x64 noise picture saved to `path`, and its base64 (as an A1111 client sends init_images)."""
+    import numpy as np
+
+    pixels = (np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels[:, ::-1] if flip else pixels).save(path)
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_img2img_line_equals_img2img(model, tmp_path):
+    """A line with init_images is an img2img request, run by the same workers: its image is byte-equal to
+    `sd-onnx img2img`'s with the same parameters. The picture is part of the request's key: the same fields with
+    another picture, or without one (txt2img), are other requests, each made once; a re-run redoes none."""
+    line = {"prompt": "a red cube", "seed": 5, "steps": 4, "width": 64, "height": 64, "denoising_strength": 0.6,
+            "sampler_name": "Euler a", "cfg_scale": 5}
+    first = _picture(tmp_path / "init.png")
+    other = _picture(tmp_path / "other.png", flip=True)
+    job = write_job(tmp_path / "jobs.jsonl", [{**line, "init_images": [first]}, {**line, "init_images": [other]}, line])
+    out = tmp_path / "out"
+    summary = run_batch(job, out, str(model), workers=1)
+    assert summary.generated == 3
+    records = {r["line"]: r for r in check_complete(out, 3)}
+    assert len({r["request"] for r in records.values()}) == 3
+    ref = tmp_path / "ref"
+    assert main(["img2img", line["prompt"], "--init-image", str(tmp_path / "init.png"), "--model", str(model),
+                 "-o", str(ref), "--randn-source", "gpu", "-q", "--threads", "1", "--seed", "5", "--steps", "4",
+                 "--width", "64", "--height", "64", "--denoising-strength", "0.6", "--sampler", "Euler a",
+                 "--cfg", "5"]) == 0
+    (expected,) = [png.read_bytes() for png in ref.glob("*.png")]
+    assert (out / records[1]["file"]).read_bytes() == expected
+    assert (out / records[2]["file"]).read_bytes() != expected
+    assert "Denoising strength: 0.6" in Image.open(out / records[1]["file"]).info["parameters"]
+    again = run_batch(job, out, str(model), workers=1)
+    assert (again.generated, again.skipped) == (0, 3)
+
+
+def test_ray_error_cause_is_the_remote_error_line():
+    """A Ray error's text ends with the remote traceback; the driver's line is its last error line, without the class
+    name when the error is sd-onnx's own (which is worded for the user), with it otherwise."""
+    from sd_onnx.batch import _cause
+
+    ours = RuntimeError("The actor died because of an error raised in its creation task, ...\nTraceback (most recent "
+                        "call last):\n  File \"x.py\", line 1\nsd_onnx.errors.SdOnnxError: model folder /m does not "
+                        "exist on Ray node h:ab12cd34:77: every node needs the model at the same path\n")
+    assert _cause(ours) == ("model folder /m does not exist on Ray node h:ab12cd34:77: every node needs the model at "
+                            "the same path")
+    theirs = RuntimeError("ray::RayGenerator.__init__()\nTraceback ...\nAttributeError: 'X' has no attribute 'y'")
+    assert _cause(theirs) == "AttributeError: 'X' has no attribute 'y'"
+
+
+@pytest.mark.parametrize("nodes,n,share", [
+    ([2, 1], 1, 2),  # not 3: no node has 3 CPUs
+    ([2, 1], 2, 1),
+    ([3, 1], 2, 1),  # 2 CPUs each would fit one actor only
+    ([4, 4, 1], 2, 4),
+    ([4, 4, 1], 3, 2),
+    ([16], 4, 4),
+    ([1], 1, 1),
+])
+def test_ray_actor_share_fits_on_the_nodes(nodes, n, share):
+    from sd_onnx.batch import _ray_share
+
+    assert _ray_share(nodes, n) == share
+    assert sum(c // share for c in nodes) >= n
