@@ -212,6 +212,20 @@ def test_fp16_stores_each_weight_once_at_half_the_size(base, fp16):
     assert total["fp16"] <= 0.52 * total["fp32"], total
 
 
+
+def _chain_model(tmp_path: Path, nodes: list, **constants: float) -> Path:
+    """A one-input graph x [1, 8] -> out [1, 8] of `nodes`, with each constant as a [1, 8] weight and `one`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.full((1, 8), v, np.float32), k) for k, v in {**constants, "one": 1}.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])], weights)
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    return src
+
 def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
     """A node whose output exceeds fp16's range is measured and kept fp32, so the result stays finite."""
     import onnx
@@ -220,18 +234,10 @@ def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
 
     from sd_onnx.quantize.halfs import convert_fp16
 
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "big"], ["y"], name="scale_up"),
-         helper.make_node("ReduceMean", ["y"], ["m"], name="mean", keepdims=1),
-         helper.make_node("Div", ["y", "m"], ["z"], name="normalise"),
-         helper.make_node("Add", ["z", "one"], ["out"], name="shift")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])],
-        [numpy_helper.from_array(np.full((1, 8), 3e4, np.float32), "big"),
-         numpy_helper.from_array(np.ones((1, 8), np.float32), "one")])
-    src = tmp_path / "src" / "model.onnx"
-    src.parent.mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    src = _chain_model(tmp_path, [helper.make_node("Mul", ["x", "big"], ["y"], name="scale_up"),
+                                  helper.make_node("ReduceMean", ["y"], ["m"], name="mean", keepdims=1),
+                                  helper.make_node("Div", ["y", "m"], ["z"], name="normalise"),
+                                  helper.make_node("Add", ["z", "one"], ["out"], name="shift")], big=3e4)
     x = np.linspace(1, 4, 8, dtype=np.float32)[None]
     info = convert_fp16(src, tmp_path / "dst" / "model.onnx", [{"x": x}])
     assert {"scale_up", "mean", "normalise"} <= set(info["fp32_nodes"]) and "shift" not in info["fp32_nodes"]
@@ -257,17 +263,9 @@ def test_fp16_keeps_a_weight_beyond_fp16_range_in_fp32_once(tmp_path):
 
     from sd_onnx.quantize.halfs import convert_fp16
 
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "huge"], ["y"], name="up"),
-         helper.make_node("Div", ["y", "huge"], ["z"], name="down"),
-         helper.make_node("Add", ["z", "one"], ["out"], name="shift")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8])],
-        [numpy_helper.from_array(np.full((1, 8), 1e5, np.float32), "huge"),
-         numpy_helper.from_array(np.ones((1, 8), np.float32), "one")])
-    src = tmp_path / "src" / "model.onnx"
-    src.parent.mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    src = _chain_model(tmp_path, [helper.make_node("Mul", ["x", "huge"], ["y"], name="up"),
+                                  helper.make_node("Div", ["y", "huge"], ["z"], name="down"),
+                                  helper.make_node("Add", ["z", "one"], ["out"], name="shift")], huge=1e5)
     x = np.linspace(-1, 1, 8, dtype=np.float32)[None] / 1e4  # y stays small: only the weight itself is too wide
     info = convert_fp16(src, tmp_path / "dst" / "model.onnx", [{"x": x}])
     assert info["fp32_weights"] == ["huge"] and {"up", "down"} <= set(info["fp32_nodes"])
