@@ -420,10 +420,11 @@ def _cores() -> int:
 
 
 def _auto_workers(cores: int) -> int:
-    """One worker per 4 cores, at least one. Each worker holds a whole model (a full-size SD 1.5 is ~4 GB in fp32),
-    and a full-size UNet's matrix products use a session's threads well; so on 2 cores, one worker with both. Measured
-    on 2 shared cores with the tests' tiny model (6 images, 256x256, 10 steps): 2 workers 4.2-4.3 s, 1 worker 6.5-6.8 s,
-    but that model is per-op overhead, not arithmetic; full-size models were not measured: --workers N to override."""
+    """One worker per 4 cores, at least one: each worker holds a whole model (a full-size SD 1.5 is ~4 GB in fp32),
+    and a full-size UNet's matrix products use a session's threads well. Measured on 2 cores with a full-size model
+    (benchmarks/batch.py, docs/benchmarks.md "#21"): one worker with both threads made 93 images an hour, two workers
+    with one thread each 57 (512x512, 20 steps). The tests' tiny model goes the other way (per-op overhead, not
+    arithmetic) and is not what a batch runs. --workers N to override."""
     return max(1, cores // 4)
 
 
