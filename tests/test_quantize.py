@@ -529,3 +529,27 @@ def test_int8_unet_on_openvino_is_static_and_generates_as_the_dynamic_one(base, 
         diff = np.abs(static - dynamic)
         print(f"static against dynamic int8: max {diff.max()} levels, mean {diff.mean():.3f}")
         assert diff.max() <= 8 and diff.mean() < 1.5
+
+
+def test_static_unet_compiles_while_loading_not_in_the_first_step(base, int8):
+    """The pipeline asks a static OpenVINO UNet to compile for the run's shapes before sampling (GuidedUNet.prepare):
+    the compile is counted as the UNet's load, and the first step runs the compiled model it made (no fallback to
+    the dynamic one, which would mean prepare guessed other shapes than the sampler feeds)."""
+    from sd_onnx.runtime.model import LoadedModel
+    from sd_onnx.runtime.pipeline import GenerateRequest, run
+    from sd_onnx.runtime.providers import openvino_devices, resolve_device
+
+    if "CPU" not in openvino_devices():
+        pytest.skip("OpenVINO has no CPU device here")
+    ov = resolve_device("openvino", ["CPUExecutionProvider"], ["CPU"])
+    for cfg, batch in ((7.0, 1), (7.0, 2), (1.0, 2)):
+        model = LoadedModel(int8, ov, keep_loaded=True)
+        runs = []
+        unet = model.session("unet")
+        real_run = unet.run
+        unet.run = lambda feeds: runs.append(unet._static) or real_run(feeds)
+        request = GenerateRequest("a cat", "", steps=2, cfg_scale=cfg, sampler="Euler", seed=5, width=64, height=64,
+                                  batch_size=batch)
+        list(run(model, request))
+        assert runs and all(static is not None and static["sample"][0] == batch * (1 if cfg == 1.0 else 2)
+                            for static in runs), runs

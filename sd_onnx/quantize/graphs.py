@@ -40,17 +40,19 @@ def typed_graph(src: Path, workdir: Path, name: str = "model.typed.onnx") -> Ite
     proto = onnx.load(str(src), load_external_data=False)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    with working_dir(src.parent):  # inference reads small constants from the external data
-        typed = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
-    location = external_location(typed)
+    location = external_location(proto)
     path = workdir / name
     linked = workdir / location if location else None
     if linked is not None and not linked.exists():
         copy_file(src.parent / location, linked)
     else:
         linked = None
-    onnx.save(typed, str(path))
     try:
+        # inference reads small constants from the external data: the real copy's, since ONNX refuses a source
+        # file with several hard links (a model folder copied with `cp -al`)
+        with working_dir(workdir):
+            typed = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        onnx.save(typed, str(path))
         yield path
     finally:
         path.unlink(missing_ok=True)

@@ -134,6 +134,17 @@ class GuidedUNet:
         feeds.update({name: tile(value) for name, value in self.extra.items()})
         return feeds
 
+    def prepare(self, batch: int, channels: int, height: int, width: int) -> None:
+        """Let a session that compiles for its input shapes (OpenVINO's static UNet) do so now, for the shapes of
+        this run's calls, so that its compile counts as loading the UNet rather than as the first step."""
+        unet = self.unet
+        if hasattr(unet, "prepare"):
+            copies = 1 if self.cfg_scale == 1.0 else 2
+            x = np.zeros((batch, channels - (0 if self.concat is None else self.concat.shape[1]), height, width),
+                         np.float32)
+            ctx = np.zeros((batch * copies, *self.cond.cond.shape[1:]), np.float32)
+            unet.prepare(self._feeds(x, np.zeros(batch, np.float32), ctx, copies))
+
     def __call__(self, x: Array, t: Array) -> Array:
         b = x.shape[0]
         if self.cfg_scale == 1.0:

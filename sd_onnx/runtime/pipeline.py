@@ -68,9 +68,12 @@ def run(model: LoadedModel, request: GenerateRequest, progress: ProgressFactory 
         cond = encode_prompts(model, networks.prompt, networks.negative_prompt, networks.embeddings)
     init = _img2img_init(model, request, seed, clock) if isinstance(request, Img2ImgRequest) else None
     concat = init.concat if init is not None else _txt2img_concat(model, request, clock)
+    guided = guided_unet(model, cond, request.cfg_scale)  # no reference of its own: release() frees the weights
     with clock("unet_load_s"):
         model.session("unet")
-    guided = guided_unet(model, cond, request.cfg_scale)  # no reference of its own: release() frees the weights
+        # the shapes of the first batch's calls, for a UNet that compiles for them (OpenVINO static)
+        guided.concat = None if concat is None else np.repeat(concat, request.batch_size, axis=0)
+        guided.prepare(request.batch_size, model.unet_in_channels, request.height // 8, request.width // 8)
     denoiser = model.denoiser(guided)
     for batch in range(request.batch_count):
         control.batch, control.skipped = batch, False

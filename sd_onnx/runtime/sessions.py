@@ -185,6 +185,11 @@ class OpenVinoSession:
             self._compile(str(self._path))
             self._static = None
 
+    def prepare(self, feeds: dict[str, NDArray]) -> None:
+        """Compile now for the shapes of `feeds` (their values are not used), as the first run would."""
+        if self._static is not None:
+            self._fit(feeds)
+
     def run(self, feeds: dict[str, NDArray]) -> list[NDArray]:
         if self._static is not None:
             self._fit(feeds)
