@@ -553,3 +553,20 @@ def test_static_unet_compiles_while_loading_not_in_the_first_step(base, int8):
         list(run(model, request))
         assert runs and all(static is not None and static["sample"][0] == batch * (1 if cfg == 1.0 else 2)
                             for static in runs), runs
+
+
+def test_quantize_a_hard_linked_model_folder(base, tmp_path):
+    """A model folder copied with `cp -al` (every file hard-linked): ONNX refuses to read external weights from a
+    file with several links (its hardlink-attack guard), which ended quantize in a traceback; the typed graph now
+    reads the working copy it makes anyway."""
+    linked = tmp_path / "linked"
+    for path in base.rglob("*"):
+        target = linked / path.relative_to(base)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    assert (linked / "unet" / "model.onnx_data").stat().st_nlink > 1
+    variant = _quantize(linked, "int8")
+    assert (variant / "unet" / "model.onnx").is_file()
