@@ -177,7 +177,8 @@ def cpu_path(precision: str, arithmetic: str, cpu_flags: list[str], ov_devices: 
                              f"{MEASURED['int8']})")
     if precision == "fp32" and bf16 and arithmetic == "auto":
         return Device("openvino", "openvino", openvino_device="CPU", inference_precision="bf16",
-                      chosen_by_auto=True, reason=f"fp32 weights, bf16 arithmetic (OpenVINO, this CPU has {bf16[0]}; measured "
+                      chosen_by_auto=True,
+                      reason=f"fp32 weights, bf16 arithmetic (OpenVINO, this CPU has {bf16[0]}; measured "
                              f"{MEASURED['fp32']}); --precision fp32 keeps fp32 arithmetic")
     return None
 

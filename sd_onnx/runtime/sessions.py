@@ -125,11 +125,11 @@ def _external_names(path: Path) -> set[str]:
 
 
 class OpenVinoSession:
-    """An OpenVINO compiled model. `static_shapes` (see static_shapes below): compiled at the first run for the shapes
-    of its inputs (the model reshaped to them, as optimum-intel and FastSD CPU run it: 6-8 % faster int8 UNet steps
-    measured, docs/benchmarks.md "#22"); the first run with other shapes (a hires pass, another size on a server) compiles the dynamic model
-    once and keeps it, so changing sizes never recompiles twice. With the cache, each compile is done once per
-    machine."""
+    """An OpenVINO compiled model. `static_shapes` (see static_shapes below): compiled at the first run (or prepare)
+    for the shapes of its inputs, the model reshaped to them as optimum-intel and FastSD CPU run it (6-8 % faster int8
+    UNet steps measured, docs/benchmarks.md "#22"); the first run with other shapes (a hires pass, another size on a
+    server) compiles the dynamic model once and keeps it, so changing sizes never recompiles twice. With the cache,
+    each compile is done once per machine."""
 
     def __init__(self, path: Path, device: Device, threads: int | None = None, cache_dir: Path | None = None,
                  precision: str = "f32", static_shapes: bool = False):
