@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from timing import HOME_HELP, bench_home, run_child, torch_pipeline  # benchmarks/timing.py (scripts run from their folder)
+from timing import HOME_HELP, auto_choice, bench_home, run_child, torch_pipeline  # benchmarks/timing.py (scripts run from their folder)
 
 PROMPT, NEGATIVE, STEPS, SEED, CFG = "a black house cat typing on a computer", "blurry", 20, 1, 7.0
 CONFIGS = {
@@ -156,22 +156,11 @@ def _diffusers_torch(checkpoint: Path, workdir: Path):
     return run
 
 
-def _auto(folder: Path):
-    """The variant and device `generate --device auto --precision auto` takes for `folder` on this machine."""
-    from sd_onnx.home import check_folder
-    from sd_onnx.runtime.providers import cpu_info, resolve_device
-    from sd_onnx.runtime.variants import choose_variant, precision_of
-
-    variant, why = choose_variant(folder, "auto", "auto", cpu_info()["flags"])
-    device = resolve_device("auto", precision=precision_of(check_folder(variant)), arithmetic="auto")
-    return variant, device, f"{variant.name}, {why}, on {device.name} ({device.reason})"
-
-
 def _ours(folder: Path, device):
     from sd_onnx.runtime.pipeline import GenerateRequest, generate
 
     if device == "auto":
-        folder, device, _ = _auto(folder)
+        folder, device, _ = auto_choice(folder)
     request = GenerateRequest(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler", seed=SEED)
     return lambda on_step: generate(folder, request, device=device,
                                     progress=lambda label: lambda i, n: on_step()).images[0].image
@@ -184,7 +173,7 @@ def fill_caches(config: str, folder: Path) -> dict:
 
     device = resolve_device("openvino" if config == "ours-openvino" else "cpu")
     if config == "ours-auto":
-        folder, device, _ = _auto(folder)
+        folder, device, _ = auto_choice(folder)
     t0 = time.perf_counter()
     for component in ("text_encoder", "unet", "vae_decoder"):
         session = open_session(folder, component, device)
@@ -264,7 +253,7 @@ def main() -> None:
             runs[name].append(result)
             print(f"  round {round_no + 1} {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
     if "ours-auto" in names:
-        print(f"ours-auto: {_auto(args.model)[2]}")
+        print(f"ours-auto: {auto_choice(args.model)[2]}")
     medians = {n: statistics.median(r["total_s"] for r in rs) for n, rs in runs.items() if rs}
     best_peer = min((m for n, m in medians.items() if not CONFIGS[n][0]), default=float("nan"))
     print(f"| configuration ({STEPS} steps, 512x512) | image s (median) | vs fastest peer | build s | first step "

@@ -76,3 +76,15 @@ def torch_pipeline(pipeline_class: str, checkpoint: Path, workdir: Path):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def auto_choice(folder: Path):
+    """The variant and device `generate --device auto --precision auto` takes for `folder` on this machine, and a
+    line saying which."""
+    from sd_onnx.home import check_folder
+    from sd_onnx.runtime.providers import cpu_info, resolve_device
+    from sd_onnx.runtime.variants import choose_variant, precision_of
+
+    variant, why = choose_variant(folder, "auto", "auto", cpu_info()["flags"])
+    device = resolve_device("auto", precision=precision_of(check_folder(variant)), arithmetic="auto")
+    return variant, device, f"{variant.name}, {why}, on {device.name} ({device.reason})"

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from timing import HOME_HELP, bench_home, measure, run_child  # benchmarks/timing.py (scripts run from their folder)
+from timing import HOME_HELP, auto_choice, bench_home, measure, run_child  # benchmarks/timing.py (scripts run from their folder)
 
 CONFIGS = {
     # name: (is ours, description, precision of its arithmetic for the peak comparison)
@@ -142,18 +142,6 @@ def make_runner(name: str, checkpoint: Path, folder: Path):
         return lambda: session.run(feeds)
     session = open_session(folder, "unet", resolve_device("openvino" if "openvino" in name else "cpu"))
     return lambda: session.run(feeds)
-
-
-def auto_choice(folder: Path):
-    """The variant and device `generate --device auto --precision auto` takes for `folder` here, and a line saying
-    which."""
-    from sd_onnx.home import check_folder
-    from sd_onnx.runtime.providers import cpu_info, resolve_device
-    from sd_onnx.runtime.variants import choose_variant, precision_of
-
-    variant, why = choose_variant(folder, "auto", "auto", cpu_info()["flags"])
-    device = resolve_device("auto", precision=precision_of(check_folder(variant)), arithmetic="auto")
-    return variant, device, f"{variant.name}, {why}, on {device.name} ({device.reason})"
 
 
 def child(name: str, checkpoint: Path, folder: Path, warmup: int, repeats: int) -> dict:
